@@ -1,0 +1,1 @@
+"""Bridges to other ecosystems: HF safetensors, ONNX, DeepSparse."""

@@ -1,0 +1,1 @@
+"""Data: the synthetic toy VQA task, proxy text, multiple-choice jsonl records."""

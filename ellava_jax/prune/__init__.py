@@ -1,0 +1,1 @@
+"""Pruning: calibration Hessians, block-wise OBS (SparseGPT), baselines, masks, level database."""

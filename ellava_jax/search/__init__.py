@@ -1,0 +1,1 @@
+"""The EfficientLLaVA search: policy space, fitness, evolution, projector training."""

@@ -1,0 +1,1 @@
+"""FitPrune visual-token pruning: recipe fitting and application."""
