@@ -1,0 +1,262 @@
+"""ONNX export of the LLaMA decoder (and LLaVA) vs a numpy reference / the Flax model.
+
+Runs in the main venv with onnxruntime. The DeepSparse smoke test needs .venv-deepsparse
+(scripts/setup_deepsparse.sh) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from convert import onnx as conv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_PYTHON = ROOT / ".venv-deepsparse" / "bin" / "python"
+TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class TinyText:
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    vocab_size: int = 101
+    max_position_embeddings: int = 128
+    tie_word_embeddings: bool = False
+
+
+def make_params(cfg, seed=0, sparsity=0.5):
+    rng = np.random.default_rng(seed)
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = H // cfg.num_attention_heads
+    kvd = cfg.num_key_value_heads * hd
+
+    def lin(i, o):
+        w = (rng.standard_normal((i, o)) / np.sqrt(i)).astype(np.float32)
+        if sparsity:
+            w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0
+        return {"kernel": w}
+
+    def norm(n):
+        return {"scale": (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)}
+
+    layers = {}
+    for i in range(cfg.num_hidden_layers):
+        layers[str(i)] = {
+            "self_attn": {
+                "q_proj": lin(H, H),
+                "k_proj": lin(H, kvd),
+                "v_proj": lin(H, kvd),
+                "o_proj": lin(H, H),
+            },
+            "mlp": {"gate_proj": lin(H, I), "up_proj": lin(H, I), "down_proj": lin(I, H)},
+            "input_layernorm": norm(H),
+            "post_attention_layernorm": norm(H),
+        }
+    params = {
+        "language_model": {
+            "embed_tokens": {"embedding": rng.standard_normal((V, H)).astype(np.float32)},
+            "layers": layers,
+            "norm": norm(H),
+        }
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = lin(H, V)
+    return params
+
+
+# ----------------------------------------------------------------- numpy LLaMA reference
+
+
+def _rms(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rot(x):
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def ref_forward(cfg, params, embeds, mask):
+    """float64 numpy LLaMA over a full sequence: logits [B, T, V] and the cache per layer."""
+    lm = params["language_model"]
+    B, T, H = embeds.shape
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = H // nh
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
+    ang = pos[..., None] * inv
+    ang = np.concatenate([ang, ang], -1)[:, None]  # [B, 1, T, hd]
+    cos, sin = np.cos(ang), np.sin(ang)
+    allowed = np.tril(np.ones((T, T), bool))[None, None] & (mask[:, None, None, :] > 0)
+    h = embeds.astype(np.float64)
+    cache = []
+    for i in range(cfg.num_hidden_layers):
+        p = lm["layers"][str(i)]
+        a = p["self_attn"]
+        x = _rms(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps)
+        q = (x @ a["q_proj"]["kernel"]).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
+        k = (x @ a["k_proj"]["kernel"]).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        v = (x @ a["v_proj"]["kernel"]).reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        q = q * cos + _rot(q) * sin
+        k = k * cos + _rot(k) * sin
+        cache.append((k, v))
+        k = np.repeat(k, nh // nkv, axis=1)
+        v = np.repeat(v, nh // nkv, axis=1)
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+        s = np.where(allowed, s, -1e30)  # finite: fully padded rows stay finite
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s = s / s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(0, 2, 1, 3).reshape(B, T, H)
+        h = h + o @ a["o_proj"]["kernel"]
+        x = _rms(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+        m = p["mlp"]
+        g = x @ m["gate_proj"]["kernel"]
+        h = h + ((g / (1 + np.exp(-g))) * (x @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+    h = _rms(h, lm["norm"]["scale"], cfg.rms_norm_eps)
+    w = params["lm_head"]["kernel"] if "lm_head" in params else lm["embed_tokens"]["embedding"].T
+    return h @ w, cache
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _inputs(cfg, B=2, T=7, pad=(0, 3), seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int64)
+    mask = np.ones((B, T), np.int64)
+    for b, n in enumerate(pad):
+        mask[b, :n] = 0
+    return ids, mask
+
+
+def _valid_max_diff(a, b, mask):
+    sel = mask.astype(bool)
+    return float(np.max(np.abs(a[sel] - b[sel])))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def setup(request):
+    cfg = TinyText(tie_word_embeddings=request.param)
+    return cfg, make_params(cfg)
+
+
+# ----------------------------------------------------------------- tests vs numpy
+
+
+def test_versions_and_zeros(setup):
+    cfg, params = setup
+    for model in (conv.export_decoder_prefill(cfg, params), conv.export_decoder_decode(cfg, params)):
+        onnx.checker.check_model(model, full_check=True)
+        assert model.ir_version <= 8
+        assert all(o.version <= 17 for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        for i in range(cfg.num_hidden_layers):
+            for mod, name in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "down_proj")]:
+                w = params["language_model"]["layers"][str(i)][mod][name]["kernel"]
+                got = inits[f"language_model.layers.{i}.{mod}.{name}.kernel"]
+                assert got.shape == w.shape  # [in, out], no transpose
+                np.testing.assert_array_equal(got == 0, w == 0)
+                np.testing.assert_array_equal(got, w)
+        # every linear is MatMul(activation, constant initializer)
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and node.input[1] in inits:
+                assert inits[node.input[1]].ndim == 2
+
+
+@pytest.mark.parametrize("inputs", ["embeds", "ids"])
+def test_prefill_matches_reference(setup, inputs):
+    cfg, params = setup
+    ids, mask = _inputs(cfg)
+    embeds = params["language_model"]["embed_tokens"]["embedding"][ids]
+    sess = _session(conv.export_decoder_prefill(cfg, params, inputs=inputs))
+    feed = {"inputs_embeds": embeds} if inputs == "embeds" else {"input_ids": ids}
+    outs = sess.run(None, {**feed, "attention_mask": mask})
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, outs))
+    ref, cache = ref_forward(cfg, params, embeds, mask)
+    assert got["logits"].shape == ref.shape
+    assert _valid_max_diff(got["logits"], ref, mask) <= TOL
+    for i, (k, v) in enumerate(cache):
+        sel = mask.astype(bool)
+        for name, r in (("key", k), ("value", v)):
+            o = got[f"present.{i}.{name}"]
+            assert o.shape == r.shape
+            diff = np.abs(o - r).transpose(0, 2, 1, 3)[sel]
+            assert diff.max() <= TOL
+
+
+def test_decode_matches_reference(setup):
+    """prefill T tokens, then decode steps with the cache == reference over T+k tokens."""
+    cfg, params = setup
+    ids, mask = _inputs(cfg, T=9)
+    emb = params["language_model"]["embed_tokens"]["embedding"]
+    T0 = 6
+    pre = _session(conv.export_decoder_prefill(cfg, params, inputs="ids"))
+    dec = _session(conv.export_decoder_decode(cfg, params, inputs="embeds"))
+    dec_names = [o.name for o in dec.get_outputs()]
+    outs = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {"input_ids": ids[:, :T0], "attention_mask": mask[:, :T0]})))
+    past = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"] for i in range(cfg.num_hidden_layers) for n in ("key", "value")}
+    ref, _ = ref_forward(cfg, params, emb[ids], mask)
+    for t in range(T0, ids.shape[1]):
+        feed = {"inputs_embeds": emb[ids[:, t : t + 1]], "attention_mask": mask[:, : t + 1], **past}
+        got = dict(zip(dec_names, dec.run(None, feed)))
+        assert got["logits"].shape == (ids.shape[0], 1, cfg.vocab_size)
+        assert float(np.max(np.abs(got["logits"][:, 0] - ref[:, t]))) <= TOL
+        assert got["present.0.key"].shape[2] == t + 1
+        past = {f"past_key_values.{i}.{n}": got[f"present.{i}.{n}"] for i in range(cfg.num_hidden_layers) for n in ("key", "value")}
+
+
+def test_headless_and_save(tmp_path, setup):
+    cfg, params = setup
+    paths = conv.export_all(cfg, params, tmp_path, head=False)
+    assert set(paths) == {"decoder_prefill", "decoder_decode"}
+    model = onnx.load(paths["decoder_prefill"])
+    assert [o.name for o in model.graph.output][0] == "last_hidden_state"
+    ids, mask = _inputs(cfg)
+    sess = ort.InferenceSession(paths["decoder_prefill"], providers=["CPUExecutionProvider"])
+    emb = params["language_model"]["embed_tokens"]["embedding"][ids]
+    (h, *_) = sess.run(None, {"inputs_embeds": emb, "attention_mask": mask})
+    assert h.shape == (*ids.shape, cfg.hidden_size)
+
+
+# ----------------------------------------------------------------- DeepSparse smoke test
+
+
+@pytest.mark.skipif(
+    not DS_PYTHON.exists(),
+    reason=".venv-deepsparse not found: run scripts/setup_deepsparse.sh to enable the DeepSparse check",
+)
+def test_deepsparse_smoke(tmp_path, setup):
+    cfg, params = setup
+    path = conv.export_decoder_decode(cfg, params, tmp_path / "decode.onnx")
+    del path
+    from convert import deepsparse as ds
+
+    res = ds.benchmark(
+        tmp_path / "decode.onnx",
+        ds.decode_inputs(cfg, batch=1, past=8, seed=0),
+        runs=2,
+        warmup=1,
+        engines=("deepsparse", "onnxruntime"),
+    )
+    assert res["outputs_match"] is True
+    assert res["engines"]["deepsparse"]["median_ms"] > 0
