@@ -205,16 +205,15 @@ class _Graph:
     def rms_norm(self, x: str, prefix: str, scale: Any, eps: float) -> str:
         sq = self.op("Mul", x, x)
         var = self.op("ReduceMean", sq, axes=[-1], keepdims=1)
-        rstd = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
-        y = self.op("Mul", x, rstd)
+        # Div by Sqrt, not Mul by Reciprocal: DeepSparse has no Reciprocal kernel
+        y = self.op("Div", x, self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
         return self.op("Mul", y, self.init(prefix + ".scale", _np(scale)))
 
     def layer_norm(self, x: str, prefix: str, p: Mapping, eps: float) -> str:
         mean = self.op("ReduceMean", x, axes=[-1], keepdims=1)
         xc = self.op("Sub", x, mean)
         var = self.op("ReduceMean", self.op("Mul", xc, xc), axes=[-1], keepdims=1)
-        rstd = self.op("Reciprocal", self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
-        y = self.op("Mul", xc, rstd)
+        y = self.op("Div", xc, self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32))))
         y = self.op("Mul", y, self.init(prefix + ".scale", _np(p["scale"])))
         return self.op("Add", y, self.init(prefix + ".bias", _np(p["bias"])))
 
@@ -350,17 +349,23 @@ def _prefill_body(
     g: _Graph, params: Mapping, d: _Dims, h: str, mask: str, head: bool
 ) -> None:
     lm = _language_model(params)
-    # positions = cumsum(mask) - 1, clipped at 0 for the left padding
-    pos = g.op("CumSum", mask, g.const(1))
-    pos = g.op("Max", g.op("Sub", pos, g.const(1)), g.const(0))
-    cos, sin = _rope_inputs(g, d, pos)
-    # causal part: key j > query i is masked; T from the input shape
-    t = g.op("Gather", g.op("Shape", mask), g.const(1), axis=0)
-    r = g.op("Range", g.const(0), t, g.const(1))
-    qi = g.op("Unsqueeze", r, g.const([1]))
-    kj = g.op("Unsqueeze", r, g.const([0]))
-    causal = g.op("Cast", g.op("Greater", kj, qi), to=TensorProto.FLOAT)
-    causal = g.op("Mul", causal, g.const(MASK_VALUE, np.float32))  # [T, T]
+    # DeepSparse runs neither CumSum nor Range (nor int arithmetic) in its own kernels, so:
+    # ar = arange(T) sliced from a constant (T from the input shape, folded at compile time),
+    # tri[j, i] = [j <= i], positions = mask @ tri - 1 = cumsum(mask) - 1, clipped at 0
+    n = g.op("Gather", g.op("Shape", mask), g.const([1]), axis=0)  # [1] = T
+    ar_all = g.init("arange", np.arange(d.max_pos, dtype=np.float32))
+    ar = g.op("Slice", ar_all, g.const([0]), n, g.const([0]))  # [T]
+    row = g.op("Unsqueeze", ar, g.const([1]))  # [T, 1]
+    col = g.op("Unsqueeze", ar, g.const([0]))  # [1, T]
+    # future[i, j] = relu(j - i): > 0 exactly where key j comes after query i
+    future = g.op("Relu", g.op("Sub", col, row))
+    # tri[j, i] = 1 - min(relu(j - i), 1) = [j <= i] (rows j, columns i)
+    tri = g.op("Min", g.op("Relu", g.op("Sub", row, col)), g.const(1.0, np.float32))
+    tri = g.op("Sub", g.const(1.0, np.float32), tri)
+    pos = g.op("MatMul", g.op("Cast", mask, to=TensorProto.FLOAT), tri)
+    pos = g.op("Max", g.op("Sub", pos, g.const(1.0, np.float32)), g.const(0.0, np.float32))
+    cos, sin = _rope_inputs(g, d, g.op("Cast", pos, to=TensorProto.INT64))
+    causal = g.op("Mul", future, g.const(MASK_VALUE, np.float32))  # [T, T]
     mask_add = g.op("Add", _padding_add(g, mask), causal)  # [B, 1, T, T]
     h = _decoder_layers(g, lm, d, h, cos, sin, mask_add, None, ["batch", d.n_kv, "seq", d.head_dim])
     _finish(g, params, lm, d, h, head, ["batch", "seq"])
@@ -436,8 +441,10 @@ def export_decoder_decode(
             )
         )
     # position of the new token = (number of real tokens, itself included) - 1
-    pos = g.op("ReduceSum", mask, g.const([1]), keepdims=1)
-    pos = g.op("Max", g.op("Sub", pos, g.const(1)), g.const(0))  # [B, 1]
+    # (float arithmetic: DeepSparse reduces only floats)
+    pos = g.op("ReduceSum", g.op("Cast", mask, to=TensorProto.FLOAT), g.const([1]), keepdims=1)
+    pos = g.op("Max", g.op("Sub", pos, g.const(1.0, np.float32)), g.const(0.0, np.float32))
+    pos = g.op("Cast", pos, to=TensorProto.INT64)  # [B, 1]
     cos, sin = _rope_inputs(g, d, pos)
     mask_add = _padding_add(g, mask)
     h = _decoder_layers(g, lm, d, h, cos, sin, mask_add, past, ["batch", d.n_kv, "total", d.head_dim])
