@@ -121,7 +121,8 @@ def _language_model(params: Mapping) -> Mapping:
 def rope_tables(head_dim: int, theta: float, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
     """cos / sin tables ``[max_pos, head_dim]``, computed in float32 as HF does."""
     inv_freq = 1.0 / (
-        np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+        np.float32(theta)
+        ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
     )
     inv_freq = inv_freq.astype(np.float32)
     t = np.arange(max_pos, dtype=np.float32)
@@ -161,9 +162,11 @@ class _Graph:
         return self._consts[key]
 
     def op(self, op_type: str, *inputs: str, name: str | None = None, n_out: int = 1, **attrs):
-        outs = [name or self.fresh(op_type.lower())] if n_out == 1 else [
-            self.fresh(op_type.lower()) for _ in range(n_out)
-        ]
+        outs = (
+            [name or self.fresh(op_type.lower())]
+            if n_out == 1
+            else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        )
         self.nodes.append(
             helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), **attrs)
         )
@@ -222,16 +225,30 @@ class _Graph:
         if name in ("silu", "swish"):
             return self.op("Mul", x, self.op("Sigmoid", x))
         if name == "quick_gelu":
-            return self.op("Mul", x, self.op("Sigmoid", self.op("Mul", x, self.const(1.702, np.float32))))
+            return self.op(
+                "Mul", x, self.op("Sigmoid", self.op("Mul", x, self.const(1.702, np.float32)))
+            )
         if name == "gelu":  # exact (erf) GELU
             e = self.op("Erf", self.op("Mul", x, self.const(1.0 / np.sqrt(2.0), np.float32)))
-            return self.op("Mul", self.op("Mul", x, self.const(0.5, np.float32)), self.op("Add", e, self.const(1.0, np.float32)))
+            return self.op(
+                "Mul",
+                self.op("Mul", x, self.const(0.5, np.float32)),
+                self.op("Add", e, self.const(1.0, np.float32)),
+            )
         if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"):
             c = np.sqrt(2.0 / np.pi)
             x3 = self.op("Mul", self.op("Mul", x, x), x)
-            inner = self.op("Mul", self.op("Add", x, self.op("Mul", x3, self.const(0.044715, np.float32))), self.const(c, np.float32))
+            inner = self.op(
+                "Mul",
+                self.op("Add", x, self.op("Mul", x3, self.const(0.044715, np.float32))),
+                self.const(c, np.float32),
+            )
             t = self.op("Tanh", inner)
-            return self.op("Mul", self.op("Mul", x, self.const(0.5, np.float32)), self.op("Add", t, self.const(1.0, np.float32)))
+            return self.op(
+                "Mul",
+                self.op("Mul", x, self.const(0.5, np.float32)),
+                self.op("Add", t, self.const(1.0, np.float32)),
+            )
         if name == "relu":
             return self.op("Relu", x)
         raise ValueError(f"unsupported activation {name!r}")
@@ -321,7 +338,9 @@ def _decoder_layers(
         o = g.linear(o, pre + ".self_attn.o_proj", att["o_proj"])
         h = g.op("Add", h, o)
 
-        x = g.rms_norm(h, pre + ".post_attention_layernorm", p["post_attention_layernorm"]["scale"], d.eps)
+        x = g.rms_norm(
+            h, pre + ".post_attention_layernorm", p["post_attention_layernorm"]["scale"], d.eps
+        )
         mlp = p["mlp"]
         gate = g.linear(x, pre + ".mlp.gate_proj", mlp["gate_proj"])
         up = g.linear(x, pre + ".mlp.up_proj", mlp["up_proj"])
@@ -345,9 +364,7 @@ def _padding_add(g: _Graph, mask: str) -> str:
     return g.op("Unsqueeze", m, g.const([1, 2]))
 
 
-def _prefill_body(
-    g: _Graph, params: Mapping, d: _Dims, h: str, mask: str, head: bool
-) -> None:
+def _prefill_body(g: _Graph, params: Mapping, d: _Dims, h: str, mask: str, head: bool) -> None:
     lm = _language_model(params)
     # DeepSparse runs neither CumSum nor Range (nor int arithmetic) in its own kernels, so:
     # ar = arange(T) sliced from a constant (T from the input shape, folded at compile time),
@@ -371,7 +388,9 @@ def _prefill_body(
     _finish(g, params, lm, d, h, head, ["batch", "seq"])
 
 
-def _finish(g: _Graph, params: Mapping, lm: Mapping, d: _Dims, h: str, head: bool, bt: list) -> None:
+def _finish(
+    g: _Graph, params: Mapping, lm: Mapping, d: _Dims, h: str, head: bool, bt: list
+) -> None:
     h = g.rms_norm(h, "language_model.norm", lm["norm"]["scale"], d.eps)
     if head:
         _head(g, params, lm, d, h)
@@ -447,7 +466,9 @@ def export_decoder_decode(
     pos = g.op("Cast", pos, to=TensorProto.INT64)  # [B, 1]
     cos, sin = _rope_inputs(g, d, pos)
     mask_add = _padding_add(g, mask)
-    h = _decoder_layers(g, lm, d, h, cos, sin, mask_add, past, ["batch", d.n_kv, "total", d.head_dim])
+    h = _decoder_layers(
+        g, lm, d, h, cos, sin, mask_add, past, ["batch", d.n_kv, "total", d.head_dim]
+    )
     _finish(g, params, lm, d, h, head, ["batch", 1])
     model = g.model("llama_decode", opset)
     if path is not None:
@@ -472,14 +493,22 @@ def _vision_tower(g: _Graph, params: Mapping, config: Any, pixels: str) -> str:
     emb = vp["embeddings"]
     # Conv wants [D, C, P, P]; the tree holds the Flax layout [P, P, C, D]
     w = _np(emb["patch_embedding"]["kernel"]).transpose(3, 2, 0, 1)
-    x = g.op("Conv", pixels, g.init("vision.patch_embedding.weight", w), kernel_shape=[patch, patch], strides=[patch, patch])
+    x = g.op(
+        "Conv",
+        pixels,
+        g.init("vision.patch_embedding.weight", w),
+        kernel_shape=[patch, patch],
+        strides=[patch, patch],
+    )
     x = g.op("Flatten", x, axis=2)  # [B, D, N]
     x = g.op("Transpose", x, perm=[0, 2, 1])  # [B, N, D]
     cls = g.init("vision.class_embedding", _np(emb["class_embedding"]).reshape(1, 1, D))
     b = g.op("Gather", g.op("Shape", pixels), g.const([0]), axis=0)
     cls = g.op("Expand", cls, g.op("Concat", b, g.const([1, D]), axis=0))
     x = g.op("Concat", cls, x, axis=1)
-    x = g.op("Add", x, g.init("vision.position_embedding", _np(emb["position_embedding"]["embedding"])))
+    x = g.op(
+        "Add", x, g.init("vision.position_embedding", _np(emb["position_embedding"]["embedding"]))
+    )
     x = g.layer_norm(x, "vision.pre_layrnorm", vp["pre_layrnorm"], eps)
     hidden = [x]
     layer = int(_get(config, "vision_feature_layer", -2))
@@ -582,7 +611,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> str:
     return path
 
 
-def export_all(config: Any, params: Mapping, out_dir: str | os.PathLike, *, head: bool = True) -> dict[str, str]:
+def export_all(
+    config: Any, params: Mapping, out_dir: str | os.PathLike, *, head: bool = True
+) -> dict[str, str]:
     """Write decoder_prefill.onnx, decoder_decode.onnx (both from ``inputs_embeds``) and, when the
     config and params have a vision part, llava_prefill.onnx. Returns {graph name: path}."""
     out_dir = os.fspath(out_dir)

@@ -164,13 +164,20 @@ def setup(request):
 
 def test_versions_and_zeros(setup):
     cfg, params = setup
-    for model in (conv.export_decoder_prefill(cfg, params), conv.export_decoder_decode(cfg, params)):
+    for model in (
+        conv.export_decoder_prefill(cfg, params),
+        conv.export_decoder_decode(cfg, params),
+    ):
         onnx.checker.check_model(model, full_check=True)
         assert model.ir_version <= 8
         assert all(o.version <= 17 for o in model.opset_import if o.domain in ("", "ai.onnx"))
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
         for i in range(cfg.num_hidden_layers):
-            for mod, name in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "down_proj")]:
+            for mod, name in [
+                ("self_attn", "q_proj"),
+                ("self_attn", "k_proj"),
+                ("mlp", "down_proj"),
+            ]:
                 w = params["language_model"]["layers"][str(i)][mod][name]["kernel"]
                 got = inits[f"language_model.layers.{i}.{mod}.{name}.kernel"]
                 assert got.shape == w.shape  # [in, out], no transpose
@@ -213,8 +220,17 @@ def test_decode_matches_reference(setup):
     pre = _session(conv.export_decoder_prefill(cfg, params, inputs="ids"))
     dec = _session(conv.export_decoder_decode(cfg, params, inputs="embeds"))
     dec_names = [o.name for o in dec.get_outputs()]
-    outs = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {"input_ids": ids[:, :T0], "attention_mask": mask[:, :T0]})))
-    past = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"] for i in range(cfg.num_hidden_layers) for n in ("key", "value")}
+    outs = dict(
+        zip(
+            [o.name for o in pre.get_outputs()],
+            pre.run(None, {"input_ids": ids[:, :T0], "attention_mask": mask[:, :T0]}),
+        )
+    )
+    past = {
+        f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
+        for i in range(cfg.num_hidden_layers)
+        for n in ("key", "value")
+    }
     ref, _ = ref_forward(cfg, params, emb[ids], mask)
     for t in range(T0, ids.shape[1]):
         feed = {"inputs_embeds": emb[ids[:, t : t + 1]], "attention_mask": mask[:, : t + 1], **past}
@@ -222,7 +238,11 @@ def test_decode_matches_reference(setup):
         assert got["logits"].shape == (ids.shape[0], 1, cfg.vocab_size)
         assert float(np.max(np.abs(got["logits"][:, 0] - ref[:, t]))) <= TOL
         assert got["present.0.key"].shape[2] == t + 1
-        past = {f"past_key_values.{i}.{n}": got[f"present.{i}.{n}"] for i in range(cfg.num_hidden_layers) for n in ("key", "value")}
+        past = {
+            f"past_key_values.{i}.{n}": got[f"present.{i}.{n}"]
+            for i in range(cfg.num_hidden_layers)
+            for n in ("key", "value")
+        }
 
 
 def test_headless_and_save(tmp_path, setup):
@@ -246,17 +266,42 @@ def test_headless_and_save(tmp_path, setup):
     reason=".venv-deepsparse not found: run scripts/setup_deepsparse.sh to enable the DeepSparse check",
 )
 def test_deepsparse_smoke(tmp_path, setup):
-    cfg, params = setup
-    path = conv.export_decoder_decode(cfg, params, tmp_path / "decode.onnx")
-    del path
+    """DeepSparse runs the exported decode and prefill graphs, all in its own kernels,
+    and agrees with onnxruntime (the runner refuses to time otherwise)."""
     from convert import deepsparse as ds
 
-    res = ds.benchmark(
-        tmp_path / "decode.onnx",
-        ds.decode_inputs(cfg, batch=1, past=8, seed=0),
-        runs=2,
-        warmup=1,
-        engines=("deepsparse", "onnxruntime"),
-    )
-    assert res["outputs_match"] is True
-    assert res["engines"]["deepsparse"]["median_ms"] > 0
+    cfg, params = setup
+    conv.export_decoder_decode(cfg, params, tmp_path / "decode.onnx")
+    conv.export_decoder_prefill(cfg, params, tmp_path / "prefill.onnx")
+    for name, feeds in (
+        ("decode", ds.decode_inputs(cfg, batch=1, past=8, seed=0)),
+        ("prefill", ds.prefill_inputs(cfg, batch=1, seq=12, seed=0)),
+    ):
+        res = ds.benchmark(
+            tmp_path / f"{name}.onnx", feeds, runs=2, warmup=1, num_cores=1, timeout=300
+        )
+        assert res["outputs_match"] is True
+        assert res["engines"]["deepsparse"]["median_ms"] > 0
+        assert res["engines"]["onnxruntime"]["median_ms"] > 0
+        comp = res["deepsparse_compile"]
+        assert comp["supported_pct"] == 100.0 and comp["subgraphs"] == 1, comp
+
+
+def test_deepsparse_refuses_on_mismatch(tmp_path, setup, monkeypatch):
+    """A wrong DeepSparse output (simulated by an impossible tolerance) must raise, not report."""
+    if not DS_PYTHON.exists():
+        pytest.skip(".venv-deepsparse not found: run scripts/setup_deepsparse.sh")
+    from convert import deepsparse as ds
+
+    cfg, params = setup
+    conv.export_decoder_decode(cfg, params, tmp_path / "decode.onnx")
+    with pytest.raises(ds.OutputMismatchError, match="REFUSING"):
+        ds.benchmark(
+            tmp_path / "decode.onnx",
+            ds.decode_inputs(cfg, past=4),
+            runs=1,
+            warmup=0,
+            atol=-1.0,
+            rtol=0.0,
+            timeout=300,
+        )

@@ -1,0 +1,168 @@
+"""DeepSparse timing, run as a subprocess in ``.venv-deepsparse``.
+
+DeepSparse 1.8 needs Python <= 3.11 and numpy < 2 (under numpy 2 it returns silently wrong
+outputs), while JAX needs numpy >= 2; so it lives in its own environment, created by
+``scripts/setup_deepsparse.sh``, and this module drives ``convert/deepsparse_runner.py`` with that
+environment's Python. Nothing here imports deepsparse.
+
+Every timing first runs each model once in DeepSparse and in onnxruntime on the same inputs;
+when outputs differ beyond tolerance the runner exits non-zero and :class:`OutputMismatchError`
+is raised: no figures are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
+EXIT_MISMATCH = 3
+
+
+class OutputMismatchError(RuntimeError):
+    """DeepSparse's outputs differ from onnxruntime's: timings are not reported."""
+
+
+class DeepSparseUnavailable(RuntimeError):
+    """``.venv-deepsparse`` is missing: run scripts/setup_deepsparse.sh."""
+
+
+def deepsparse_python() -> Path:
+    """The DeepSparse environment's interpreter (``ELLAVA_DEEPSPARSE_PYTHON`` overrides)."""
+    env = os.environ.get("ELLAVA_DEEPSPARSE_PYTHON")
+    return Path(env) if env else ROOT / ".venv-deepsparse" / "bin" / "python"
+
+
+def available() -> bool:
+    return deepsparse_python().exists()
+
+
+def _text(cfg: Any) -> Any:
+    return getattr(cfg, "text", None) or cfg
+
+
+def prefill_inputs(
+    cfg: Any, *, batch: int = 1, seq: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random ``inputs_embeds`` + all-ones ``attention_mask`` for a prefill graph."""
+    t = _text(cfg)
+    rng = np.random.default_rng(seed)
+    return {
+        "inputs_embeds": rng.standard_normal((batch, seq, t.hidden_size)).astype(np.float32),
+        "attention_mask": np.ones((batch, seq), np.int64),
+    }
+
+
+def decode_inputs(
+    cfg: Any, *, batch: int = 1, past: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs for a decode-step graph with a ``past``-token cache."""
+    t = _text(cfg)
+    rng = np.random.default_rng(seed)
+    n_kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    feeds = {
+        "inputs_embeds": rng.standard_normal((batch, 1, t.hidden_size)).astype(np.float32),
+        "attention_mask": np.ones((batch, past + 1), np.int64),
+    }
+    for i in range(t.num_hidden_layers):
+        for n in ("key", "value"):
+            feeds[f"past_key_values.{i}.{n}"] = rng.standard_normal((batch, n_kv, past, hd)).astype(
+                np.float32
+            )
+    return feeds
+
+
+def benchmark_models(
+    models: Mapping[str, str | os.PathLike],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    engines: Sequence[str] | Mapping[str, Sequence[str]] = ("deepsparse", "onnxruntime"),
+    warmup: int = 2,
+    runs: int = 5,
+    rounds: int = 1,
+    num_cores: int | None = None,
+    atol: float = 1e-3,
+    rtol: float = 1e-3,
+    timeout: float | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> dict:
+    """Check then time several ONNX models on the same inputs in one DeepSparse process.
+
+    ``engines`` is one list for all models or {model name: list}. Returns the runner's JSON:
+    ``{"outputs_match": True, "models": {name: {"engines": {engine: {"median_ms", "times_ms"}},
+    "outputs": {...}, "deepsparse_compile": {"supported_pct", "subgraphs", "failures", "log"}}}}``.
+    Raises :class:`OutputMismatchError` when DeepSparse disagrees with onnxruntime.
+    """
+    py = deepsparse_python()
+    if not py.exists():
+        raise DeepSparseUnavailable(f"{py} not found: run scripts/setup_deepsparse.sh")
+    own_tmp = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="ellava-ds-") if own_tmp else workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    np.savez(wd / "inputs.npz", **{k: np.asarray(v) for k, v in inputs.items()})
+    spec = {
+        "models": [
+            {
+                "name": name,
+                "path": os.fspath(Path(path).resolve()),
+                "engines": list(engines[name] if isinstance(engines, Mapping) else engines),
+            }
+            for name, path in models.items()
+        ],
+        "inputs": os.fspath(wd / "inputs.npz"),
+        "warmup": warmup,
+        "runs": runs,
+        "rounds": rounds,
+        "num_cores": num_cores,
+        "atol": atol,
+        "rtol": rtol,
+        "log_dir": os.fspath(wd),
+    }
+    (wd / "spec.json").write_text(json.dumps(spec))
+    out = wd / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run(
+        [os.fspath(py), "-P", os.fspath(RUNNER), os.fspath(wd / "spec.json"), os.fspath(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    result = json.loads(out.read_text()) if out.exists() else None
+    if proc.returncode == EXIT_MISMATCH:
+        raise OutputMismatchError(
+            proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "outputs differ"
+        )
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(
+            f"DeepSparse runner failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    result["workdir"] = os.fspath(wd)
+    return result
+
+
+def benchmark(path: str | os.PathLike, inputs: Mapping[str, np.ndarray], **kw) -> dict:
+    """One model: returns {"outputs_match", "engines": {engine: {"median_ms", ...}}, ...}."""
+    res = benchmark_models({"model": path}, inputs, **kw)
+    m = res["models"]["model"]
+    return {
+        "outputs_match": res["outputs_match"],
+        "engines": m["engines"],
+        "outputs": m["outputs"],
+        "deepsparse_compile": m["deepsparse_compile"],
+        "versions": res["versions"],
+    }
+
+
+def speedup_limit(sparsity: float) -> float:
+    """The 1 / (1 - s) bound on the speedup of a fully weight-bound model at sparsity s."""
+    return float("inf") if sparsity >= 1 else 1.0 / (1.0 - sparsity)
