@@ -163,6 +163,21 @@ def benchmark(path: str | os.PathLike, inputs: Mapping[str, np.ndarray], **kw) -
     }
 
 
+def paired_speedup(base: Mapping, other: Mapping) -> float:
+    """Median over rounds of (base round median / other round median).
+
+    Rounds interleave the models, so each ratio compares runs taken close in time: steadier
+    than a ratio of overall medians on a machine with other load."""
+    r = int(base["runs_per_round"])
+    a, b = np.asarray(base["times_ms"]), np.asarray(other["times_ms"])
+    n = min(len(a), len(b)) // r
+    if n == 0:
+        return float("nan")
+    ra = np.median(a[: n * r].reshape(n, r), axis=1)
+    rb = np.median(b[: n * r].reshape(n, r), axis=1)
+    return float(np.median(ra / rb))
+
+
 def speedup_limit(sparsity: float) -> float:
     """The 1 / (1 - s) bound on the speedup of a fully weight-bound model at sparsity s."""
     return float("inf") if sparsity >= 1 else 1.0 / (1.0 - sparsity)

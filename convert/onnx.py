@@ -500,7 +500,7 @@ def _vision_tower(g: _Graph, params: Mapping, config: Any, pixels: str) -> str:
         kernel_shape=[patch, patch],
         strides=[patch, patch],
     )
-    x = g.op("Flatten", x, axis=2)  # [B, D, N]
+    x = g.op("Reshape", x, g.const([0, 0, -1]))  # [B, D, N]
     x = g.op("Transpose", x, perm=[0, 2, 1])  # [B, N, D]
     cls = g.init("vision.class_embedding", _np(emb["class_embedding"]).reshape(1, 1, D))
     b = g.op("Gather", g.op("Shape", pixels), g.const([0]), axis=0)

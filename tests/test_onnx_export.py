@@ -6,9 +6,6 @@ Runs in the main venv with onnxruntime. The DeepSparse smoke test needs .venv-de
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,7 @@ class TinyText:
 
 def make_params(cfg, seed=0, sparsity=0.5):
     rng = np.random.default_rng(seed)
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, inter, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hd = H // cfg.num_attention_heads
     kvd = cfg.num_key_value_heads * hd
 
@@ -63,7 +60,11 @@ def make_params(cfg, seed=0, sparsity=0.5):
                 "v_proj": lin(H, kvd),
                 "o_proj": lin(H, H),
             },
-            "mlp": {"gate_proj": lin(H, I), "up_proj": lin(H, I), "down_proj": lin(I, H)},
+            "mlp": {
+                "gate_proj": lin(H, inter),
+                "up_proj": lin(H, inter),
+                "down_proj": lin(inter, H),
+            },
             "input_layernorm": norm(H),
             "post_attention_layernorm": norm(H),
         }
@@ -305,3 +306,154 @@ def test_deepsparse_refuses_on_mismatch(tmp_path, setup, monkeypatch):
             rtol=0.0,
             timeout=300,
         )
+
+
+# ----------------------------------------------------------------- LLaVA prefill vs numpy
+
+
+@dataclass(frozen=True)
+class TinyVision:
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    image_size: int = 16
+    patch_size: int = 4
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass(frozen=True)
+class TinyLlava:
+    text: TinyText = TinyText()
+    vision: TinyVision = TinyVision()
+    image_token_index: int = 100
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+
+
+def make_llava_params(cfg: TinyLlava, seed=0):
+    rng = np.random.default_rng(seed + 1)
+    vc, H = cfg.vision, cfg.text.hidden_size
+    D, P, C = vc.hidden_size, vc.patch_size, vc.num_channels
+    n_pos = (vc.image_size // P) ** 2 + 1
+
+    def lin(i, o, sparsity=0.5):
+        w = (rng.standard_normal((i, o)) / np.sqrt(i)).astype(np.float32)
+        w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0
+        return {"kernel": w, "bias": (0.1 * rng.standard_normal(o)).astype(np.float32)}
+
+    def ln(n):
+        return {
+            "scale": (1 + 0.1 * rng.standard_normal(n)).astype(np.float32),
+            "bias": (0.1 * rng.standard_normal(n)).astype(np.float32),
+        }
+
+    layers = {
+        str(i): {
+            "self_attn": {k: lin(D, D) for k in ("q_proj", "k_proj", "v_proj", "out_proj")},
+            "layer_norm1": ln(D),
+            "layer_norm2": ln(D),
+            "mlp": {"fc1": lin(D, vc.intermediate_size), "fc2": lin(vc.intermediate_size, D)},
+        }
+        for i in range(vc.num_hidden_layers)
+    }
+    params = make_params(cfg.text)
+    params["vision_tower"] = {
+        "vision_model": {
+            "embeddings": {
+                "patch_embedding": {
+                    "kernel": (0.2 * rng.standard_normal((P, P, C, D))).astype(np.float32)
+                },
+                "class_embedding": rng.standard_normal(D).astype(np.float32),
+                "position_embedding": {
+                    "embedding": (0.1 * rng.standard_normal((n_pos, D))).astype(np.float32)
+                },
+            },
+            "pre_layrnorm": ln(D),
+            "encoder": {"layers": layers},
+            "post_layernorm": ln(D),
+        }
+    }
+    params["multi_modal_projector"] = {"linear_1": lin(D, H), "linear_2": lin(H, H)}
+    return params
+
+
+def _ln(x, p, eps):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
+
+
+def ref_image_features(cfg: TinyLlava, params, pixels):
+    import math
+
+    vc = cfg.vision
+    vp = params["vision_tower"]["vision_model"]
+    B, C, S, _ = pixels.shape
+    P, D, nh = vc.patch_size, vc.hidden_size, vc.num_attention_heads
+    g = S // P
+    patches = (
+        pixels.reshape(B, C, g, P, g, P).transpose(0, 2, 4, 3, 5, 1).reshape(B, g * g, P * P * C)
+    )
+    x = patches.astype(np.float64) @ vp["embeddings"]["patch_embedding"]["kernel"].reshape(
+        P * P * C, D
+    )
+    cls = np.broadcast_to(vp["embeddings"]["class_embedding"], (B, 1, D))
+    x = np.concatenate([cls, x], 1) + vp["embeddings"]["position_embedding"]["embedding"]
+    x = _ln(x, vp["pre_layrnorm"], vc.layer_norm_eps)
+    hidden = [x]
+    hd = D // nh
+    for i in range(vc.num_hidden_layers):
+        p = vp["encoder"]["layers"][str(i)]
+        a = p["self_attn"]
+        y = _ln(x, p["layer_norm1"], vc.layer_norm_eps)
+
+        def proj(t, q):
+            return (t @ q["kernel"] + q["bias"]).reshape(B, -1, nh, hd).transpose(0, 2, 1, 3)
+
+        q, k, v = proj(y, a["q_proj"]), proj(y, a["k_proj"]), proj(y, a["v_proj"])
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(0, 2, 1, 3).reshape(B, -1, D)
+        x = x + o @ a["out_proj"]["kernel"] + a["out_proj"]["bias"]
+        y = _ln(x, p["layer_norm2"], vc.layer_norm_eps)
+        y = y @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+        y = y / (1 + np.exp(-1.702 * y))
+        x = x + y @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+        hidden.append(x)
+    f = hidden[cfg.vision_feature_layer][:, 1:]
+    pj = params["multi_modal_projector"]
+    f = f @ pj["linear_1"]["kernel"] + pj["linear_1"]["bias"]
+    f = 0.5 * f * (1 + np.vectorize(math.erf)(f / np.sqrt(2)))
+    return f @ pj["linear_2"]["kernel"] + pj["linear_2"]["bias"]
+
+
+def test_llava_prefill_matches_reference():
+    cfg = TinyLlava()
+    params = make_llava_params(cfg)
+    model = conv.export_llava_prefill(cfg, params)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version <= 8 and max(o.version for o in model.opset_import) <= 17
+    rng = np.random.default_rng(3)
+    n_img = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    T = n_img + 6
+    ids = rng.integers(0, cfg.image_token_index, (2, T)).astype(np.int64)
+    mask = np.ones((2, T), np.int64)
+    ids[0, 2 : 2 + n_img] = cfg.image_token_index
+    ids[1, 4 : 4 + n_img] = cfg.image_token_index
+    mask[1, :2] = 0  # left padding
+    pixels = rng.standard_normal((2, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(
+        np.float32
+    )
+    (logits, *_) = _session(model).run(
+        None, {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+    )
+    feats = ref_image_features(cfg, params, pixels).reshape(-1, cfg.text.hidden_size)
+    emb = params["language_model"]["embed_tokens"]["embedding"][ids].astype(np.float64)
+    emb[ids == cfg.image_token_index] = feats
+    ref, _ = ref_forward(cfg.text, params, emb, mask)
+    assert _valid_max_diff(logits, ref, mask) <= TOL
