@@ -48,11 +48,13 @@ def parse_nm(spec: str | None) -> tuple[int, int]:
 
 
 def _prune_matrix(method: str, kernel, hessian, sparsity: float, nm: tuple[int, int]):
-    from ellava_jax.prune import baselines, obs
-
     n, m = nm
     if method == "sparsegpt":
-        return obs.sparsegpt(kernel, hessian, sparsity, prune_n=n, prune_m=m)
+        from ellava_jax.prune.obs import sparsegpt
+
+        return sparsegpt(kernel, hessian, sparsity, prune_n=n, prune_m=m)
+    from ellava_jax.prune import baselines
+
     if method == "wanda":
         norms = jnp.sqrt(jnp.maximum(jnp.diag(hessian), 0.0))  # proportional to ||X_j||_2
         return baselines.wanda_prune(kernel, norms, sparsity, prune_n=n, prune_m=m)
