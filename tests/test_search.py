@@ -81,9 +81,9 @@ def tiny_search():
 def test_database_counts_levels_times_matrices(tiny_search):
     config, params, settings, space, db, fb = tiny_search
     assert db.pruner_calls == 5 * 7 * config.text.num_hidden_layers
-    for (layer, m), stack in db.kernels.items():
+    for key, stack in db.kernels.items():
         sp = (np.asarray(stack) == 0).reshape(5, -1).mean(1)
-        np.testing.assert_allclose(sp, space.levels, atol=0.02)
+        np.testing.assert_allclose(sp, space.levels, atol=0.02, err_msg=str(key))
 
 
 def test_vmapped_fitness_equals_the_python_loop(tiny_search):
