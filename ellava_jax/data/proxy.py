@@ -79,10 +79,10 @@ class ProxySample:
     scene: Scene = field(repr=False)
 
 
-def multimodal_samples(
-    n: int, split: str = "proxy", seed: int | None = None, with_facts: bool = True
-) -> list[ProxySample]:
-    """n image + description pairs from a split's scenes ('proxy' by default; never test)."""
+def caption_stream(
+    split: str = "proxy", seed: int | None = None, with_facts: bool = True
+) -> Iterator[ProxySample]:
+    """Endless image + description pairs from a split's scenes (never an evaluation split)."""
     if split in ("test", "validation"):
         raise ValueError("proxy samples never come from an evaluation split")
     extra = [] if seed is None else [seed]
@@ -90,12 +90,17 @@ def multimodal_samples(
     stream = scenes.iter_split_scenes(
         split, [TASK_SEED, PROXY_CODE, 98, SPLIT_CODES[split], *extra]
     )
-    out = []
-    for _ in range(n):
-        s = next(stream)
+    for s in stream:
         text = describe_with_facts(s, rng) if with_facts else describe(s, rng)
-        out.append(ProxySample(text, scenes.render(s), s))
-    return out
+        yield ProxySample(text, scenes.render(s), s)
+
+
+def multimodal_samples(
+    n: int, split: str = "proxy", seed: int | None = None, with_facts: bool = True
+) -> list[ProxySample]:
+    """The first n pairs of `caption_stream` ('proxy' scenes by default; never test)."""
+    stream = caption_stream(split, seed, with_facts)
+    return [next(stream) for _ in range(n)]
 
 
 def corpus_for_vocabulary() -> list[str]:

@@ -26,6 +26,7 @@ from ellava_jax.data.records import LETTERS, Record
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)  # ids 0..4, in this order
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
+CAPTION_REQUEST = "Describe the picture."
 MODEL_MAX_LENGTH = 512
 
 
@@ -95,6 +96,17 @@ def encode_record(
     return ids, mask
 
 
+def encode_caption(tok, text: str, num_image_tokens: int) -> tuple[list[int], list[int]]:
+    """An image + description sample as a LLaVA turn; the target mask covers the description.
+
+    "USER: <image>\\nDescribe the picture. ASSISTANT: {text}</s>", image placeholder expanded.
+    """
+    prompt = expand_image_tokens(f"USER: {IMAGE}\n{CAPTION_REQUEST} ASSISTANT:", num_image_tokens)
+    ids = encode_text(tok, prompt)
+    reply = encode_text(tok, " " + text, add_bos=False) + [token_id(tok, EOS)]
+    return ids + reply, [0] * len(ids) + [1] * len(reply)
+
+
 def letter_ids(tok, n: int = len(LETTERS)) -> list[int]:
     """Ids of the answer letters as the assistant writes them (' A', ' B', ...)."""
     out = []
@@ -117,7 +129,7 @@ def build_tokenizer(corpus: list[str]):
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     words: set[str] = set()
     # the prompt's fixed parts, with every letter in both positions it takes
-    extra = [f"USER: {IMAGE}\nContext: {INSTRUCTION} ASSISTANT:"]
+    extra = [f"USER: {IMAGE}\nContext: {INSTRUCTION} {CAPTION_REQUEST} ASSISTANT:"]
     extra += [f"\n{c}. {c}" for c in LETTERS]
     for text in [*corpus, *extra]:
         for part in text.split(IMAGE):  # specials are matched before pre-tokenizing
