@@ -1,0 +1,297 @@
+"""HF LLaVA directory (config.json + safetensors) <-> (LlavaConfig, Flax params). No torch.
+
+The converter is a pure mapping between flat HF state-dict keys and paths in the parameter
+tree (docs/architecture.md), plus one transform per leaf kind. It is the only place in the
+project where weights are transposed: HF linears are `weight [out, in]`, ours `kernel [in, out]`;
+the patch-embedding conv goes `[D, C, P, P] -> [P, P, C, D]`.
+
+Key layouts read: the hub's (`language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.vision_model.*`, `multi_modal_projector.*`; what transformers also writes), the
+in-memory one of transformers 5 (`model.language_model.*`, `model.vision_tower.*`,
+`model.multi_modal_projector.*`, `lm_head.*`), and a vision tower with or without its
+`vision_model.` level. Written: the hub layout, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax.numpy as jnp
+from safetensors import SafetensorError, safe_open
+from safetensors.flax import save_file
+
+from ellava_jax.config import ConfigError, LlavaConfig
+from ellava_jax.model.llava import param_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
+
+# Files copied along with the weights when saving from a source directory.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: names the file and the key."""
+
+
+def _canonical_key(key: str) -> str:
+    """Any accepted layout -> the hub layout."""
+    for new, old in (
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
+        if key.startswith(new):
+            key = old + key[len(new) :]
+            break
+    else:
+        if key.startswith("lm_head."):
+            key = "language_model." + key
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower.") :]
+    return key
+
+
+def _hf_key(path: tuple[str, ...]) -> str:
+    """Parameter-tree path -> hub-layout key."""
+    *mods, leaf = path
+    name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    if mods[0] == "lm_head":
+        return "language_model.lm_head." + name
+    if mods[0] == "language_model":
+        mods = ["language_model", "model", *mods[1:]]
+    return ".".join([*mods, name])
+
+
+def _to_hf(path: tuple[str, ...], x):
+    if path[-1] == "kernel":
+        return jnp.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T
+    return x
+
+
+def _from_hf(path: tuple[str, ...], x):
+    if path[-1] == "kernel":
+        return jnp.transpose(x, (2, 3, 1, 0)) if x.ndim == 4 else x.T
+    return x
+
+
+def _hf_shape(path, shape) -> tuple[int, ...]:
+    if path[-1] == "kernel":
+        return tuple(shape[i] for i in ((3, 2, 0, 1) if len(shape) == 4 else (1, 0)))
+    return tuple(shape)
+
+
+def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def _set(tree: dict, path, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def key_map(config: LlavaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Hub-layout key -> (parameter path, HF shape), for every parameter of `config`."""
+    shapes = param_shapes(config)
+    return {_hf_key(p): (p, _hf_shape(p, s.shape)) for p, s in _flatten(shapes)}
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not os.path.exists(os.path.join(path, f)):
+                raise CheckpointError(f"{index}: lists shard {f!r}, which does not exist in {path}")
+        return files
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+        return [SINGLE_FILE]
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dict]:
+    """Reads a local HF LLaVA directory.
+
+    Args:
+      path: directory with `config.json` and `model.safetensors` or a sharded index.
+      dtype: cast every parameter to this dtype (default: keep the checkpoint's).
+
+    Returns:
+      (config, params) with params in the tree of docs/architecture.md.
+
+    Raises:
+      FileNotFoundError, ConfigError or CheckpointError naming the file and the key.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory")
+    config = LlavaConfig.from_hf_config(path)
+    expected = key_map(config)
+    found: dict[str, tuple[str, str]] = {}  # canonical key -> (file, original key)
+    handles = {}
+    try:
+        for fname in _weight_files(path):
+            fpath = os.path.join(path, fname)
+            try:
+                handles[fname] = safe_open(fpath, framework="flax")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{fpath}: cannot read safetensors file ({e})") from e
+            for k in handles[fname].keys():
+                if k.endswith(_IGNORED_SUFFIXES):
+                    continue
+                ck = _canonical_key(k)
+                if ck == "language_model.lm_head.weight" and config.tie_word_embeddings:
+                    continue  # tied: the head is the embedding
+                if ck in found:
+                    raise CheckpointError(f"{fpath}: key {k!r} also in {found[ck][0]}")
+                found[ck] = (fname, k)
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            f, k = found[extra[0]]
+            raise CheckpointError(
+                f"{os.path.join(path, f)}: unexpected tensor {k!r} (not in a LLaVA of this config; "
+                f"{len(extra)} unexpected in all)"
+            )
+        missing = sorted(set(expected) - set(found))
+        if missing:
+            raise CheckpointError(
+                f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)"
+            )
+        params: dict = {}
+        for ck, (p, hf_shape) in expected.items():
+            fname, k = found[ck]
+            fpath = os.path.join(path, fname)
+            try:
+                x = handles[fname].get_tensor(k)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{fpath}: cannot read tensor {k!r} ({e})") from e
+            if tuple(x.shape) != hf_shape:
+                raise CheckpointError(
+                    f"{fpath}: tensor {k!r} has shape {tuple(x.shape)}, config.json implies {hf_shape}"
+                )
+            x = _from_hf(p, x)
+            _set(params, p, x if dtype is None else x.astype(dtype))
+    finally:
+        handles.clear()
+    return config, params
+
+
+def save_hf_llava(
+    path: str | os.PathLike,
+    config: LlavaConfig,
+    params: dict,
+    *,
+    copy_from: str | os.PathLike | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes an HF LLaVA directory that `LlavaForConditionalGeneration.from_pretrained` loads.
+
+    The directory is written beside `path` under a temporary name and renamed into place, so a
+    failure never leaves a half-written `path` (an existing one is replaced only at the end).
+
+    Args:
+      path: output directory.
+      config: the model's config (written as config.json).
+      params: the parameter tree.
+      copy_from: a directory whose tokenizer / processor files are copied along.
+      max_shard_bytes: split the weights into shards of at most this size, with an index.
+    """
+    path = os.fspath(path).rstrip("/")
+    expected = key_map(config)
+    flat = dict(_flatten(params))
+    missing = sorted(_hf_key(p) for p in {v[0] for v in expected.values()} - set(flat))
+    extra = sorted(_hf_key(p) for p in set(flat) - {v[0] for v in expected.values()})
+    if missing or extra:
+        raise CheckpointError(
+            f"params do not match the config: missing {missing[:3]}, extra {extra[:3]}"
+        )
+    tensors = {}
+    for key, (p, hf_shape) in expected.items():
+        x = jnp.asarray(flat[p])
+        if _hf_shape(p, x.shape) != hf_shape:
+            raise CheckpointError(
+                f"param {'/'.join(p)} has shape {x.shape}, config implies another"
+            )
+        tensors[key] = _to_hf(p, x)
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        if copy_from is not None:
+            for name in _SIDE_FILES:
+                src = os.path.join(os.fspath(copy_from), name)
+                if os.path.exists(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_hf_config(), f, indent=2)
+        _write_weights(tmp, tensors, max_shard_bytes)
+        if os.path.exists(path):
+            old = path + ".old-" + os.path.basename(tmp)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_weights(out: str, tensors: dict, max_shard_bytes: int | None) -> None:
+    meta = {"format": "pt"}  # transformers requires it to load a safetensors file
+    arrays = tensors
+    if max_shard_bytes is None:
+        save_file(arrays, os.path.join(out, SINGLE_FILE), metadata=meta)
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for k in sorted(arrays):
+        nbytes = arrays[k].size * arrays[k].dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = arrays[k]
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(out, name), metadata=meta)
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.size * v.dtype.itemsize
+    with open(os.path.join(out, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+__all__ = ["CheckpointError", "ConfigError", "key_map", "load_hf_llava", "save_hf_llava"]

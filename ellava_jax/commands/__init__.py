@@ -1,0 +1,1 @@
+"""Sub-commands of `ellava`, one module each (see ellava_jax/cli.py)."""

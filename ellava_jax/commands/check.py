@@ -1,0 +1,54 @@
+"""`ellava check`: load a model, run a forward pass and greedy generation, print what it saw."""
+
+from __future__ import annotations
+
+import json
+import time
+
+NAME = "check"
+HELP = "Load a model (toy, tiny or an HF LLaVA directory), run forward + generate, print a summary."
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="tiny", help="toy | tiny | path to an HF LLaVA directory")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (last line)")
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ellava_jax.model import forward, generate
+    from ellava_jax.models import load_model
+
+    t0 = time.perf_counter()
+    config, params, path = load_model(args.model, dtype=args.dtype and jnp.dtype(args.dtype))
+    t_load = time.perf_counter() - t0
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    v = config.vision
+    rng = np.random.default_rng(0)
+    ids = np.array([[1] + [config.image_token_index] * config.num_image_tokens + [3, 4, 5]])
+    pix = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    t0 = time.perf_counter()
+    logits = np.asarray(forward(config, params, ids, pix))
+    t_fwd = time.perf_counter() - t0
+    out = generate(config, params, ids, pix, max_new_tokens=8)
+    summary = {
+        "model": path or args.model,
+        "parameters": n_params,
+        "dtype": str(jax.tree_util.tree_leaves(params)[0].dtype),
+        "visual_tokens": config.num_image_tokens,
+        "decoder_layers": config.text.num_hidden_layers,
+        "logits_finite": bool(np.isfinite(logits).all()),
+        "generated": out[0, ids.shape[1] :].tolist(),
+        "load_s": round(t_load, 3),
+        "first_forward_s": round(t_fwd, 3),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, val in summary.items():
+            print(f"{k:>16}: {val}")
+    return 0 if summary["logits_finite"] else 1

@@ -1,0 +1,186 @@
+"""LLaMA decoder in Flax linen, computing what HF `LlamaModel` computes, with an explicit KV cache.
+
+Parameter names follow HF (`self_attn.q_proj`, `mlp.gate_proj`, ...); every linear is one
+`[in, out]` kernel. Each decoder layer `sow`s the inputs of its linears into the
+`intermediates` collection (`attn_in`, `o_in`, `mlp_in`, `down_in`), which calibration reads;
+sowing is free when the collection is not mutable.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ellava_jax.config import TextConfig
+
+Cache = dict  # {"k": [B, S, n_kv, hd], "v": [B, S, n_kv, hd]} per layer
+
+_INIT = nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (HF default RoPE)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, n, hd]; cos/sin [B, T, hd]."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+def _dense(features: int, name: str):
+    return nn.Dense(features, use_bias=False, kernel_init=_INIT, name=name)
+
+
+class LlamaAttention(nn.Module):
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache: Cache | None = None, cache_index=0):
+        """x [B, T, H]; mask [B, T, S] bool (True = may attend). Returns (out, new_cache)."""
+        c = self.cfg
+        b, t, _ = x.shape
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = _dense(nh * hd, "q_proj")(x).reshape(b, t, nh, hd)
+        k = _dense(nkv * hd, "k_proj")(x).reshape(b, t, nkv, hd)
+        v = _dense(nkv * hd, "v_proj")(x).reshape(b, t, nkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, 1
+            )
+            cache = {"k": k, "v": v}
+        g = nh // nkv
+        qg = q.reshape(b, t, nkv, g, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * (hd**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        self.sow("intermediates", "attn_probs", probs)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, nh * hd)
+        self.sow("intermediates", "o_in", out)
+        return _dense(c.hidden_size, "o_proj")(out), cache
+
+
+class LlamaMLP(nn.Module):
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x):
+        inter = self.cfg.intermediate_size
+        h = nn.silu(_dense(inter, "gate_proj")(x)) * _dense(inter, "up_proj")(x)
+        self.sow("intermediates", "down_in", h)
+        return _dense(self.cfg.hidden_size, "down_proj")(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, h, cos, sin, mask, cache: Cache | None = None, cache_index=0):
+        x = RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(h)
+        self.sow("intermediates", "attn_in", x)
+        a, cache = LlamaAttention(self.cfg, name="self_attn")(x, cos, sin, mask, cache, cache_index)
+        h = h + a
+        x = RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(h)
+        self.sow("intermediates", "mlp_in", x)
+        return h + LlamaMLP(self.cfg, name="mlp")(x), cache
+
+
+class _Layers(nn.Module):
+    """Holds the decoder layers under the names "0", "1", ... as HF's state dict does."""
+
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, h, cos, sin, mask, caches=None, cache_index=0):
+        new_caches = []
+        for i in range(self.cfg.num_hidden_layers):
+            cache = None if caches is None else caches[i]
+            h, cache = LlamaDecoderLayer(self.cfg, name=str(i))(
+                h, cos, sin, mask, cache, cache_index
+            )
+            new_caches.append(cache)
+        return h, (None if caches is None else new_caches)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. `__call__` takes `inputs_embeds`."""
+
+    cfg: TextConfig
+
+    def setup(self):
+        self.embed_tokens = nn.Embed(
+            self.cfg.vocab_size, self.cfg.hidden_size, embedding_init=_INIT, name="embed_tokens"
+        )
+        self.layers = _Layers(self.cfg, name="layers")
+        self.norm = RMSNorm(self.cfg.rms_norm_eps, name="norm")
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds, positions, mask, caches=None, cache_index=0):
+        """inputs_embeds [B, T, H]; positions [B, T]; mask [B, T, S]. Returns (hidden, caches)."""
+        cos, sin = rope_cos_sin(
+            positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype
+        )
+        h, caches = self.layers(inputs_embeds, cos, sin, mask, caches, cache_index)
+        return self.norm(h), caches
+
+    def init_all(self, input_ids):
+        """Touches every parameter (for `init`)."""
+        h = self.embed(input_ids)
+        b, t = input_ids.shape
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = jnp.ones((b, t, t), bool)
+        return self(h, pos, mask)
+
+
+def attention_mask_4d(key_mask, t: int, cache_index=0):
+    """Boolean [B, T, S]: query t (at slot cache_index + t) may see key slot s <= it, if valid.
+
+    key_mask [B, S] marks the key slots holding real tokens (0 for padding).
+    """
+    s = key_mask.shape[1]
+    q_slot = cache_index + jnp.arange(t)[:, None]  # [T, 1]
+    causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
+    return causal[None] & key_mask[:, None, :].astype(bool)
+
+
+def positions_from_mask(attention_mask):
+    """Position ids for left-padded rows: cumsum(mask) - 1, padding at 0 (as HF generate)."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> list[Cache]:
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for _ in range(cfg.num_hidden_layers)
+    ]

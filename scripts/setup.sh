@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv/ (the library, its tests and references) with the pinned versions of
+# constraints.txt. Idempotent: re-running after a change of constraints.txt or pyproject.toml
+# re-installs; otherwise it returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: Python 3.11 is required (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=".venv/.installed-$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing the library environment into .venv/ (pinned by constraints.txt)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and exactly this version: it is the local CPU build; anything else pulls CUDA.
+  .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+echo "setup: .venv ready ($(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"
