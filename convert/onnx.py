@@ -511,8 +511,10 @@ def _vision_tower(g: _Graph, params: Mapping, config: Any, pixels: str) -> str:
     )
     x = g.layer_norm(x, "vision.pre_layrnorm", vp["pre_layrnorm"], eps)
     hidden = [x]
-    layer = int(_get(config, "vision_feature_layer", -2))
-    stop = layer % (n_layers + 1)
+    layers = _get(config, "vision_feature_layer", -2)
+    layers = [int(layers)] if isinstance(layers, int) else [int(v) for v in layers]
+    wanted = [v % (n_layers + 1) for v in layers]
+    stop = max(wanted)
     scale = g.const(hd**-0.5, np.float32)
     for i in range(stop):
         p = vp["encoder"]["layers"][str(i)]
@@ -533,13 +535,17 @@ def _vision_tower(g: _Graph, params: Mapping, config: Any, pixels: str) -> str:
         y = g.activation(g.linear(y, pre + ".fc1", p["mlp"]["fc1"]), act)
         x = g.op("Add", x, g.linear(y, pre + ".fc2", p["mlp"]["fc2"]))
         hidden.append(x)
-    feats = hidden[stop]
     strategy = _get(config, "vision_feature_select_strategy", "default")
-    if strategy == "default":
-        feats = g.op("Slice", feats, g.const([1]), g.const([2**62]), g.const([1]))
-    elif strategy != "full":
+    if strategy not in ("default", "full"):
         raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}")
-    return feats
+    feats = []
+    for w in wanted:
+        f = hidden[w]
+        if strategy == "default":  # drop CLS
+            f = g.op("Slice", f, g.const([1]), g.const([2**62]), g.const([1]))
+        feats.append(f)
+    # several feature layers are concatenated along the channels, as HF does
+    return feats[0] if len(feats) == 1 else g.op("Concat", *feats, axis=-1)
 
 
 def export_llava_prefill(

@@ -6,6 +6,7 @@ Runs in the main venv with onnxruntime. The DeepSparse smoke test needs .venv-de
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -457,3 +458,176 @@ def test_llava_prefill_matches_reference():
     emb[ids == cfg.image_token_index] = feats
     ref, _ = ref_forward(cfg.text, params, emb, mask)
     assert _valid_max_diff(logits, ref, mask) <= TOL
+
+
+# ----------------------------------------------------------------- vs the Flax model
+
+
+def _flax_setup(tied=False, n_feature_layers=1, seed=0):
+    """The tiny preset, random weights scaled to unit-ish activations, language model linears
+    50% magnitude-pruned (so exact zeros go through the export)."""
+    jax = pytest.importorskip("jax")
+    import dataclasses
+
+    from ellava_jax.config import get_preset
+    from ellava_jax.model import init_params
+
+    base = get_preset("tiny")
+    cfg = dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, tie_word_embeddings=tied, eos_token_id=None),
+        vision_feature_layer=-2 if n_feature_layers == 1 else (-2, -1),
+    )
+    params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.key(seed)))
+    rng = np.random.default_rng(seed)
+
+    def fix(path, x):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if names[-1] == "kernel" and x.ndim == 2:
+            x = x / (0.02 * np.sqrt(x.shape[0]))
+            if names[0] == "language_model":
+                x = np.where(np.abs(x) < np.quantile(np.abs(x), 0.5), 0.0, x)
+        elif names[-1] == "embedding":
+            x = x / 0.02
+        elif names[-1] == "scale":
+            x = x + 0.1 * rng.standard_normal(x.shape)
+        return np.asarray(x, np.float32)
+
+    return cfg, jax.tree_util.tree_map_with_path(fix, params)
+
+
+def _tiny_prompt(cfg, rng, n_img_rows=(0, 1), pad=(0, 2), T=None):
+    n = cfg.num_image_tokens
+    T = T or n + 6
+    ids = rng.integers(1, cfg.text.vocab_size - 1, (2, T)).astype(np.int64)
+    ids[ids == cfg.image_token_index] = 3
+    mask = np.ones((2, T), np.int64)
+    for b in range(2):
+        mask[b, : pad[b]] = 0
+        ids[b, : pad[b]] = 0
+    for b in n_img_rows:
+        start = pad[b] + 1
+        ids[b, start : start + n] = cfg.image_token_index
+    s = cfg.vision.image_size
+    pixels = rng.standard_normal((len(n_img_rows), 3, s, s)).astype(np.float32)
+    return ids, mask, pixels
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_llava_prefill_matches_flax_forward(tied):
+    from ellava_jax.model import forward
+
+    cfg, params = _flax_setup(tied=tied)
+    ids, mask, pixels = _tiny_prompt(cfg, np.random.default_rng(0))
+    ref = np.asarray(forward(cfg, params, ids, pixels, mask))
+    model = conv.export_llava_prefill(cfg, params)
+    (logits, *_) = _session(model).run(
+        None, {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+    )
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero outputs
+    assert _valid_max_diff(logits, ref, mask) <= TOL
+
+
+def test_llava_prefill_several_feature_layers():
+    from ellava_jax.model import forward
+
+    cfg, params = _flax_setup(n_feature_layers=2)
+    ids, mask, pixels = _tiny_prompt(cfg, np.random.default_rng(1))
+    ref = np.asarray(forward(cfg, params, ids, pixels, mask))
+    (logits, *_) = _session(conv.export_llava_prefill(cfg, params)).run(
+        None, {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}
+    )
+    assert _valid_max_diff(logits, ref, mask) <= TOL
+
+
+def test_decoder_prefill_matches_flax_decode():
+    from ellava_jax.model import decode, embed_inputs, init_cache
+    from ellava_jax.model.llama import positions_from_mask
+
+    cfg, params = _flax_setup()
+    ids, mask, pixels = _tiny_prompt(cfg, np.random.default_rng(2))
+    embeds = np.asarray(embed_inputs(cfg, params, ids, pixels))
+    caches = init_cache(cfg.text, ids.shape[0], ids.shape[1], np.float32)
+    ref, caches = decode(cfg, params, embeds, mask, positions_from_mask(mask), caches, 0)
+    sess = _session(conv.export_decoder_prefill(cfg, params))
+    got = dict(
+        zip(
+            [o.name for o in sess.get_outputs()],
+            sess.run(None, {"inputs_embeds": embeds, "attention_mask": mask}),
+        )
+    )
+    assert _valid_max_diff(got["logits"], np.asarray(ref), mask) <= TOL
+    sel = mask.astype(bool)
+    for i, c in enumerate(caches):  # Flax caches are [B, S, n_kv, hd]; ONNX [B, n_kv, S, hd]
+        for name, key in (("key", "k"), ("value", "v")):
+            o = got[f"present.{i}.{name}"].transpose(0, 2, 1, 3)
+            assert np.abs(o - np.asarray(c[key]))[sel].max() <= TOL
+
+
+def test_onnx_greedy_generation_matches_flax_generate():
+    """LLaVA prefill graph + decode-step graph (input_ids) in onnxruntime, greedy, vs
+    `generate`; each step's logits also vs `forward` over the whole sequence so far."""
+    from ellava_jax.model import forward, generate
+
+    cfg, params = _flax_setup()
+    ids, mask, pixels = _tiny_prompt(cfg, np.random.default_rng(3))
+    n_new = 5
+    ref_tokens = np.asarray(generate(cfg, params, ids, pixels, mask, max_new_tokens=n_new))
+    pre = _session(conv.export_llava_prefill(cfg, params))
+    dec = _session(conv.export_decoder_decode(cfg, params, inputs="ids"))
+    outs = dict(
+        zip(
+            [o.name for o in pre.get_outputs()],
+            pre.run(None, {"input_ids": ids, "pixel_values": pixels, "attention_mask": mask}),
+        )
+    )
+    L = cfg.text.num_hidden_layers
+    seq, m = ids.copy(), mask.copy()
+    logits = outs["logits"][:, -1]
+    past = {
+        f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
+        for i in range(L)
+        for n in ("key", "value")
+    }
+    for step in range(n_new):
+        full = np.asarray(forward(cfg, params, seq, pixels, m))[:, -1]
+        assert float(np.abs(full - logits).max()) <= TOL, step
+        tok = np.argmax(logits, axis=-1).astype(np.int64)[:, None]
+        seq = np.concatenate([seq, tok], axis=1)
+        m = np.concatenate([m, np.ones_like(tok)], axis=1)
+        if step == n_new - 1:
+            break
+        got = dict(
+            zip(
+                [o.name for o in dec.get_outputs()],
+                dec.run(None, {"input_ids": tok, "attention_mask": m, **past}),
+            )
+        )
+        logits = got["logits"][:, -1]
+        past = {
+            f"past_key_values.{i}.{n}": got[f"present.{i}.{n}"]
+            for i in range(L)
+            for n in ("key", "value")
+        }
+    np.testing.assert_array_equal(seq, ref_tokens)
+
+
+def test_export_toy_if_shipped(tmp_path):
+    """The shipped toy (when present): decoder prefill vs the Flax forward."""
+    from ellava_jax import models
+
+    d = models.toy_dir()
+    if not os.path.exists(os.path.join(d, "config.json")):
+        pytest.skip("the shipped toy model is not in this checkout yet")
+    from convert.hf import load_hf_llava
+    from ellava_jax.model import forward
+
+    cfg, params = load_hf_llava(d)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.image_token_index, (1, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    ref = np.asarray(forward(cfg, params, ids, None, mask))
+    (logits, *_) = _session(conv.export_decoder_prefill(cfg, params, inputs="ids")).run(
+        None, {"input_ids": ids, "attention_mask": mask}
+    )
+    assert float(np.abs(logits - ref).max()) <= TOL
