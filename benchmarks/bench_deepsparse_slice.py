@@ -112,7 +112,8 @@ def make_pruner(kind: str, seed: int = 0):
             def prune(w, s):
                 x = rng.standard_normal((512, w.shape[0]), dtype=np.float32)
                 h = (2.0 / x.shape[0]) * (x.T @ x)
-                pruned, _ = sparsegpt(w, h, s)
+                out = sparsegpt(w, h, s)
+                pruned = out[0] if isinstance(out, tuple) else out
                 return np.asarray(pruned, dtype=np.float32)
 
             return "sparsegpt (random calibration)", prune

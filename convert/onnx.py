@@ -228,13 +228,10 @@ class _Graph:
             return self.op(
                 "Mul", x, self.op("Sigmoid", self.op("Mul", x, self.const(1.702, np.float32)))
             )
-        if name == "gelu":  # exact (erf) GELU
-            e = self.op("Erf", self.op("Mul", x, self.const(1.0 / np.sqrt(2.0), np.float32)))
-            return self.op(
-                "Mul",
-                self.op("Mul", x, self.const(0.5, np.float32)),
-                self.op("Add", e, self.const(1.0, np.float32)),
-            )
+        if name == "gelu":  # exact (erf) GELU, in the op order torch exports it
+            e = self.op("Erf", self.op("Div", x, self.const(np.sqrt(2.0), np.float32)))
+            y = self.op("Mul", x, self.op("Add", e, self.const(1.0, np.float32)))
+            return self.op("Mul", y, self.const(0.5, np.float32))
         if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"):
             c = np.sqrt(2.0 / np.pi)
             x3 = self.op("Mul", self.op("Mul", x, x), x)
@@ -364,24 +361,32 @@ def _padding_add(g: _Graph, mask: str) -> str:
     return g.op("Unsqueeze", m, g.const([1, 2]))
 
 
+def _le_matrix(g: _Graph, d: _Dims, n: str) -> str:
+    """tri[j, i] = [j <= i] for j, i < n (n a [1] int64 tensor from a Shape; folded at compile
+    time): 1 - min(relu(j - i), 1), built from a constant arange, no Range / CumSum."""
+    ar = g.op(
+        "Slice",
+        g.init("arange", np.arange(d.max_pos, dtype=np.float32)),
+        g.const([0]),
+        n,
+        g.const([0]),
+    )
+    row = g.op("Unsqueeze", ar, g.const([1]))  # [n, 1]
+    col = g.op("Unsqueeze", ar, g.const([0]))  # [1, n]
+    tri = g.op("Min", g.op("Relu", g.op("Sub", row, col)), g.const(1.0, np.float32))
+    return g.op("Sub", g.const(1.0, np.float32), tri)
+
+
 def _prefill_body(g: _Graph, params: Mapping, d: _Dims, h: str, mask: str, head: bool) -> None:
     lm = _language_model(params)
-    # DeepSparse runs neither CumSum nor Range (nor int arithmetic) in its own kernels, so:
-    # ar = arange(T) sliced from a constant (T from the input shape, folded at compile time),
-    # tri[j, i] = [j <= i], positions = mask @ tri - 1 = cumsum(mask) - 1, clipped at 0
-    n = g.op("Gather", g.op("Shape", mask), g.const([1]), axis=0)  # [1] = T
-    ar_all = g.init("arange", np.arange(d.max_pos, dtype=np.float32))
-    ar = g.op("Slice", ar_all, g.const([0]), n, g.const([0]))  # [T]
-    row = g.op("Unsqueeze", ar, g.const([1]))  # [T, 1]
-    col = g.op("Unsqueeze", ar, g.const([0]))  # [1, T]
-    # future[i, j] = relu(j - i): > 0 exactly where key j comes after query i
-    future = g.op("Relu", g.op("Sub", col, row))
-    # tri[j, i] = 1 - min(relu(j - i), 1) = [j <= i] (rows j, columns i)
-    tri = g.op("Min", g.op("Relu", g.op("Sub", row, col)), g.const(1.0, np.float32))
-    tri = g.op("Sub", g.const(1.0, np.float32), tri)
+    # DeepSparse runs neither CumSum nor Range (nor integer arithmetic) in its own kernels, so
+    # positions = mask @ tri - 1 = cumsum(mask) - 1 (clipped at 0), tri[j, i] = [j <= i]
+    tri = _le_matrix(g, d, g.op("Gather", g.op("Shape", mask), g.const([1]), axis=0))  # [T, T]
     pos = g.op("MatMul", g.op("Cast", mask, to=TensorProto.FLOAT), tri)
     pos = g.op("Max", g.op("Sub", pos, g.const(1.0, np.float32)), g.const(0.0, np.float32))
     cos, sin = _rope_inputs(g, d, g.op("Cast", pos, to=TensorProto.INT64))
+    # causal: query i must not see key j > i: future[i, j] = 1 - tri[j, i]
+    future = g.op("Sub", g.const(1.0, np.float32), g.op("Transpose", tri, perm=[1, 0]))
     causal = g.op("Mul", future, g.const(MASK_VALUE, np.float32))  # [T, T]
     mask_add = g.op("Add", _padding_add(g, mask), causal)  # [B, 1, T, T]
     h = _decoder_layers(g, lm, d, h, cos, sin, mask_add, None, ["batch", d.n_kv, "seq", d.head_dim])
@@ -578,6 +583,9 @@ def export_llava_prefill(
     f = g.linear(f, "multi_modal_projector.linear_2", pj["linear_2"])  # [B_img, N, H]
     f = g.op("Reshape", f, g.const([-1, d.hidden]))
     image_token = int(_get(config, "image_token_index", _get(config, "image_token_id", 32000)))
+    # The merge is a handful of integer ops on [B, T] (no weights). DeepSparse 1.8 runs them
+    # through its onnxruntime fallback; an all-float rewrite (one-hot MatMul, triangular
+    # MatMul cumsums) compiled but crashed its planner (assertion in planner.hpp), so keep these.
     is_img = g.op("Equal", ids, g.const(image_token))  # [B, T]
     safe_ids = g.op("Where", is_img, g.const(0), ids)
     text = _embed(g, lm, safe_ids)  # [B, T, H]
@@ -636,3 +644,36 @@ def export_all(
         paths["llava_prefill"] = os.path.join(out_dir, "llava_prefill.onnx")
         export_llava_prefill(config, params, paths["llava_prefill"], head=head)
     return paths
+
+
+def export_model(spec: str, out_dir: str | os.PathLike, *, head: bool = True) -> dict[str, str]:
+    """Export ``--model SPEC`` (``toy``, ``tiny`` or an HF LLaVA directory, e.g. a pruned model
+    saved by ``ellava prune``: its zeros go through as zeros) to ``out_dir``."""
+    import jax
+
+    from ellava_jax.models import load_model
+
+    config, params, _ = load_model(spec)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    return export_all(config, params, out_dir, head=head)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m convert.onnx",
+        description="Export a (pruned) LLaVA to ONNX: decoder prefill, decoder decode step, "
+        "full LLaVA prefill (opset 14, IR version 8; DeepSparse 1.8 and onnxruntime).",
+    )
+    ap.add_argument("--model", required=True, help="toy, tiny, or an HF LLaVA directory")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--no-head", action="store_true", help="output the final hidden state")
+    args = ap.parse_args(argv)
+    for name, path in export_model(args.model, args.out, head=not args.no_head).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

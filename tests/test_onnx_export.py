@@ -289,6 +289,31 @@ def test_deepsparse_smoke(tmp_path, setup):
         assert comp["supported_pct"] == 100.0 and comp["subgraphs"] == 1, comp
 
 
+@pytest.mark.skipif(
+    not DS_PYTHON.exists(),
+    reason=".venv-deepsparse not found: run scripts/setup_deepsparse.sh to enable the DeepSparse check",
+)
+def test_deepsparse_llava_prefill(tmp_path):
+    """The full LLaVA prefill runs in DeepSparse and agrees with onnxruntime. Only the integer
+    merge of image features (no weights) is outside DeepSparse's kernels: 2 subgraphs."""
+    from convert import deepsparse as ds
+
+    cfg = TinyLlava()
+    conv.export_llava_prefill(cfg, make_llava_params(cfg), tmp_path / "llava.onnx")
+    n_img = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    ids = np.full((1, n_img + 6), 5, np.int64)
+    ids[0, 2 : 2 + n_img] = cfg.image_token_index
+    s = cfg.vision.image_size
+    feeds = {
+        "input_ids": ids,
+        "pixel_values": np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32),
+        "attention_mask": np.ones_like(ids),
+    }
+    res = ds.benchmark(tmp_path / "llava.onnx", feeds, runs=1, warmup=0, num_cores=1, timeout=300)
+    assert res["outputs_match"] is True
+    assert res["deepsparse_compile"]["subgraphs"] <= 2, res["deepsparse_compile"]
+
+
 def test_deepsparse_refuses_on_mismatch(tmp_path, setup, monkeypatch):
     """A wrong DeepSparse output (simulated by an impossible tolerance) must raise, not report."""
     if not DS_PYTHON.exists():
