@@ -161,6 +161,9 @@ def main(argv=None) -> int:
         "--workdir", default=None, help="where the ONNX files go (default: a temp dir, removed)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse graphs a previous --keep run left in --workdir"
+    )
     ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = ap.parse_args(argv)
 
@@ -179,20 +182,34 @@ def main(argv=None) -> int:
         f"{cfg.num_attention_heads} heads; pruner: {pruner_name}; seq {args.seq}; workdir {wd}"
     )
 
-    dense = random_params(cfg)
-    variants = {"dense": (0.0, dense)}
-    for s in args.sparsities:
-        p = pruned_params(dense, s, prune)
-        variants[f"sparse{round(s * 100)}"] = (measured_sparsity(p), p)
-    paths: dict[str, dict[str, str]] = {g: {} for g in args.graphs}
-    for name, (_, p) in variants.items():
-        for g in args.graphs:
-            fn = conv.export_decoder_decode if g == "decode" else conv.export_decoder_prefill
-            paths[g][name] = os.path.join(wd, f"{g}_{name}.onnx")
-            fn(cfg, p, paths[g][name], head=False)
-    sparsity = {name: s for name, (s, _) in variants.items()}
-    del dense, variants
-    gc.collect()
+    meta_path = os.path.join(wd, "slice_meta.json")
+    names = ["dense"] + [f"sparse{round(s * 100)}" for s in args.sparsities]
+    paths: dict[str, dict[str, str]] = {
+        g: {n: os.path.join(wd, f"{g}_{n}.onnx") for n in names} for g in args.graphs
+    }
+    meta = json.load(open(meta_path)) if args.reuse and os.path.exists(meta_path) else None
+    if (
+        meta
+        and meta.get("key") == [args.layers, pruner_name]
+        and all(os.path.exists(p) for v in paths.values() for p in v.values())
+    ):
+        sparsity = meta["sparsity"]
+        print("# reusing the exported graphs in the workdir")
+    else:
+        dense = random_params(cfg)
+        variants = {"dense": (0.0, dense)}
+        for s in args.sparsities:
+            p = pruned_params(dense, s, prune)
+            variants[f"sparse{round(s * 100)}"] = (measured_sparsity(p), p)
+        for name, (_, p) in variants.items():
+            for g in args.graphs:
+                fn = conv.export_decoder_decode if g == "decode" else conv.export_decoder_prefill
+                fn(cfg, p, paths[g][name], head=False)
+        sparsity = {name: s for name, (s, _) in variants.items()}
+        del dense, variants
+        gc.collect()
+        with open(meta_path, "w") as f:
+            json.dump({"key": [args.layers, pruner_name], "sparsity": sparsity}, f)
     print(f"# exported {sum(len(v) for v in paths.values())} graphs in {time.time() - t0:.0f}s")
 
     summary = {
