@@ -181,3 +181,104 @@ def paired_speedup(base: Mapping, other: Mapping) -> float:
 def speedup_limit(sparsity: float) -> float:
     """The 1 / (1 - s) bound on the speedup of a fully weight-bound model at sparsity s."""
     return float("inf") if sparsity >= 1 else 1.0 / (1.0 - sparsity)
+
+
+_LINEARS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+def decoder_sparsity(params: Mapping) -> float:
+    """Fraction of exact zeros over the decoder's linear kernels."""
+    zeros = total = 0
+    for layer in params["language_model"]["layers"].values():
+        for mod, name in _LINEARS:
+            w = np.asarray(layer[mod][name]["kernel"])
+            zeros += int(np.count_nonzero(w == 0))
+            total += w.size
+    return zeros / max(total, 1)
+
+
+def bench_cpu(
+    models: Sequence[str],
+    *,
+    seq_len: int = 256,
+    graphs: Sequence[str] = ("prefill", "decode"),
+    num_cores: int | None = None,
+    rounds: int = 5,
+    runs: int = 2,
+    workdir: str | os.PathLike | None = None,
+) -> dict:
+    """Time the decoders of several models (``toy``, ``tiny`` or HF directories; the first is
+    the baseline, normally dense) in DeepSparse, and the first in onnxruntime too.
+
+    Each model's decoder is exported (prefill over ``seq_len`` tokens; one decode step at a
+    ``seq_len`` context), checked against onnxruntime, then timed in interleaved rounds.
+    Returns ``{"engine": "deepsparse", "outputs_match": bool, "graphs": {graph: {model:
+    {"sparsity", "median_ms", "tokens_per_s", "speedup", "speedup_paired", "limit",
+    "onnxruntime_median_ms" (first model)}}}}``; speedups are over the first model in
+    DeepSparse, same run. Raises :class:`OutputMismatchError` on a mismatch.
+    """
+    import jax
+
+    from convert import onnx as conv
+    from ellava_jax.models import load_model
+
+    wd = Path(workdir or tempfile.mkdtemp(prefix="ellava-bench-cpu-"))
+    paths: dict[str, dict[str, str]] = {g: {} for g in graphs}
+    sparsity, labels, cfg = {}, [], None
+    for i, spec in enumerate(models):
+        label = f"{i}:{Path(spec).name or spec}"
+        labels.append(label)
+        cfg, params, _ = load_model(spec)
+        params = jax.tree_util.tree_map(np.asarray, params)
+        sparsity[label] = decoder_sparsity(params)
+        for g in graphs:
+            fn = conv.export_decoder_decode if g == "decode" else conv.export_decoder_prefill
+            paths[g][label] = os.fspath(wd / f"{g}_{i}.onnx")
+            fn(cfg, params, paths[g][label])
+        del params
+    out = {"engine": "deepsparse", "outputs_match": None, "seq_len": seq_len, "graphs": {}}
+    for g in graphs:
+        feeds = (
+            decode_inputs(cfg, past=seq_len) if g == "decode" else prefill_inputs(cfg, seq=seq_len)
+        )
+        engines = {m: ["deepsparse"] + (["onnxruntime"] if m == labels[0] else []) for m in labels}
+        try:
+            res = benchmark_models(
+                paths[g],
+                feeds,
+                engines=engines,
+                rounds=rounds,
+                runs=runs,
+                warmup=1,
+                num_cores=num_cores,
+                workdir=wd / f"run_{g}",
+            )
+        except OutputMismatchError:
+            out["outputs_match"] = False
+            raise
+        out["outputs_match"] = True
+        base = res["models"][labels[0]]["engines"]["deepsparse"]
+        rows = {}
+        for m in labels:
+            t = res["models"][m]["engines"]["deepsparse"]
+            rows[m] = {
+                "sparsity": sparsity[m],
+                "median_ms": t["median_ms"],
+                "tokens_per_s": (seq_len if g == "prefill" else 1) / (t["median_ms"] / 1e3),
+                "speedup": base["median_ms"] / t["median_ms"],
+                "speedup_paired": paired_speedup(base, t),
+                "limit": speedup_limit(sparsity[m]),
+                "deepsparse_supported_pct": res["models"][m]["deepsparse_compile"]["supported_pct"],
+            }
+        ort = res["models"][labels[0]]["engines"]["onnxruntime"]
+        rows[labels[0]]["onnxruntime_median_ms"] = ort["median_ms"]
+        out["graphs"][g] = rows
+    return out
