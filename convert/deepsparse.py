@@ -8,6 +8,19 @@ environment's Python. Nothing here imports deepsparse.
 Every timing first runs each model once in DeepSparse and in onnxruntime on the same inputs;
 when outputs differ beyond tolerance the runner exits non-zero and :class:`OutputMismatchError`
 is raised: no figures are reported.
+
+Usage::
+
+    bash scripts/setup_deepsparse.sh                      # once; idempotent
+    python -m convert.onnx --model DIR --out onnx/        # a pruned HF directory, toy or tiny
+    python -c "from convert import deepsparse as ds; print(ds.bench_cpu(['DENSE_DIR', 'PRUNED_DIR']))"
+    python benchmarks/bench_deepsparse_slice.py           # LLaMA-7B-width slice, dense vs 50/70%
+
+Timing notes: models are timed in interleaved rounds in one process (one DeepSparse context,
+so engines do not compete for threads); besides medians the results carry the paired ratio
+(median of per-round ratios) and the fastest runs, which hold up better on a shared machine.
+DeepSparse's ``input_shapes`` override rewrites the model file in place, so the runner compiles
+a static-shape copy instead.
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ Semantics follow HF LLaMA / LLaVA: RMSNorm ``x * rsqrt(mean(x^2) + eps) * scale`
 ``rotate_half`` on the full head dim and ``rope_theta``; positions ``cumsum(mask) - 1`` (left
 padding); grouped-query attention; SwiGLU with silu; tied embeddings use ``embed_tokens^T``.
 
+DeepSparse 1.8 compiles a graph into its own kernels only where it supports every op; the
+rest runs in its bundled onnxruntime ("NM Execution Provider supports N% of the network" in
+its diagnose log, ``NM_LOGGING_LEVEL=diagnose``). The decoder graphs here are 100% in its
+kernels, as one subgraph, because: RMSNorm divides by ``Sqrt`` (no ``Reciprocal`` kernel);
+positions and masks are computed in float (its reductions take floats), with
+``cumsum(mask)`` as ``mask @ tri`` and the causal mask from a constant ``arange`` sliced to
+the input length (no ``CumSum`` / ``Range``); GELU is in the op order torch exports (its
+``Erf`` runs only in that pattern). In the LLaVA graph only the integer merge of image
+features (no weights) runs outside its kernels.
+
 The config is duck-typed: a ``LlavaConfig`` (``.text`` / ``.vision``) or a text config alone,
 with HF attribute names (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
 ``rms_norm_eps``, ``rope_theta``, ``tie_word_embeddings``, ...).
@@ -105,13 +115,6 @@ def _np(x: Any) -> np.ndarray:
     if a.dtype != np.float32:
         a = a.astype(np.float32)
     return a
-
-
-def _sub(tree: Mapping, *keys: str) -> Any:
-    node = tree
-    for k in keys:
-        node = node[k]
-    return node
 
 
 def _language_model(params: Mapping) -> Mapping:
