@@ -161,3 +161,24 @@ def sparsity_of_params(config: LlavaConfig, params: dict) -> dict[int, dict[str,
             w = np.asarray(p[group][name]["kernel"])
             out[layer][name] = float(np.mean(w == 0))
     return out
+
+
+def matmul_flops_of_jaxpr(jaxpr) -> float:
+    """2 x multiply-adds of every dot_general in a (closed) jaxpr, sub-jaxprs included.
+
+    A direct count to check the analytic model against (`jax.make_jaxpr(f)(*args)`); loops are
+    not unrolled (a scan or while body counts once).
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * float(np.prod(out)) * float(np.prod([lhs[d] for d in lhs_contract]))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, list | tuple) else (p,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    total += matmul_flops_of_jaxpr(sub)
+    return total

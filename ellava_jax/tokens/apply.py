@@ -275,7 +275,8 @@ def _forward_core(config, params, input_ids, pixel_values, attention_mask, keep,
     rows = jnp.arange(b)[:, None]
     full = jnp.zeros((b, t, logits.shape[-1]), logits.dtype).at[rows, orig].set(logits)
     kept = jnp.zeros((b, t), bool).at[rows, orig].set(valid)
-    return full, kept
+    dropped = attention_mask.astype(bool) & ~kept
+    return jnp.where(dropped[..., None], jnp.zeros((), full.dtype), full), kept
 
 
 def _prepare(config, input_ids, pixel_values, attention_mask, recipe, score, widths):
