@@ -263,9 +263,18 @@ def _final_norm(config, params, h):
     return RMSNorm(config.text.rms_norm_eps).apply({"params": params["language_model"]["norm"]}, h)
 
 
+_embed_jit = jax.jit(embed_inputs, static_argnums=0)
+
+
+def _embed(config, params, input_ids, pixel_values):
+    """Merged embeddings; compiled apart from the decoder, so a new recipe recompiles only that."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return embed_inputs(config, params, input_ids, pixel_values)
+    return _embed_jit(config, params, input_ids, pixel_values)
+
+
 @partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _forward_core(config, params, input_ids, pixel_values, attention_mask, keep, widths, score):
-    embeds = embed_inputs(config, params, input_ids, pixel_values)
+def _forward_core(config, params, embeds, input_ids, attention_mask, keep, widths, score):
     h, state, _, _ = prefill_layers(
         config, params, embeds, input_ids, attention_mask, keep, widths, score
     )
@@ -328,19 +337,17 @@ def forward_with_recipe(
     keep, score, widths, input_ids, attention_mask = _prepare(
         config, input_ids, pixel_values, attention_mask, recipe, score, widths
     )
+    embeds = _embed(config, params, input_ids, pixel_values)
     logits, kept = _forward_core(
-        config, params, input_ids, pixel_values, attention_mask, keep, widths, score
+        config, params, embeds, input_ids, attention_mask, keep, widths, score
     )
     return (logits, kept) if return_kept else logits
 
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _generate_core(
-    config, params, input_ids, pixel_values, attention_mask, keep, widths, score, max_new
-):
+def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widths, score, max_new):
     cfg = config.text
     b = input_ids.shape[0]
-    embeds = embed_inputs(config, params, input_ids, pixel_values)
     h, state, caches, key_masks = prefill_layers(
         config, params, embeds, input_ids, attention_mask, keep, widths, score, extra=max_new
     )
@@ -401,12 +408,13 @@ def generate_with_recipe(
     keep, score, widths, ids, mask = _prepare(
         config, input_ids, pixel_values, attention_mask, recipe, score, widths
     )
+    ids = ids.astype(jnp.int32)
     new = np.asarray(
         _generate_core(
             config,
             params,
-            ids.astype(jnp.int32),
-            pixel_values,
+            _embed(config, params, ids, pixel_values),
+            ids,
             mask,
             keep,
             widths,
