@@ -12,6 +12,8 @@ from ellava_jax.model.llava import (
     lm_head,
     merge_image_features,
     param_shapes,
+    project,
+    vision_features,
 )
 
 __all__ = [
@@ -26,4 +28,6 @@ __all__ = [
     "lm_head",
     "merge_image_features",
     "param_shapes",
+    "project",
+    "vision_features",
 ]

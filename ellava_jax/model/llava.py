@@ -82,8 +82,8 @@ def _feature_layers_needed(config: LlavaConfig) -> int:
     return max(layer % (n + 1) for layer in config.feature_layers)
 
 
-def embed_image(config: LlavaConfig, params: dict, pixel_values) -> jax.Array:
-    """pixel_values [B_img, C, S, S] -> projected image features [B_img, N, H]."""
+def vision_features(config: LlavaConfig, params: dict, pixel_values) -> jax.Array:
+    """CLIP features the projector sees: pixel_values [B_img, C, S, S] -> [B_img, N, D_v * n_layers]."""
     dtype = params["multi_modal_projector"]["linear_1"]["kernel"].dtype
     tower = CLIPVisionTransformer(config.vision, n_layers=_feature_layers_needed(config))
     hidden = tower.apply(
@@ -93,8 +93,17 @@ def embed_image(config: LlavaConfig, params: dict, pixel_values) -> jax.Array:
     feats = [hidden[layer % (n + 1)] for layer in config.feature_layers]
     if config.vision_feature_select_strategy == "default":
         feats = [f[:, 1:] for f in feats]
-    feats = jnp.concatenate(feats, axis=-1) if len(feats) > 1 else feats[0]
-    return Projector(config).apply({"params": params["multi_modal_projector"]}, feats)
+    return jnp.concatenate(feats, axis=-1) if len(feats) > 1 else feats[0]
+
+
+def project(config: LlavaConfig, params: dict, features) -> jax.Array:
+    """The projector: CLIP features [B_img, N, D_v] -> [B_img, N, H]."""
+    return Projector(config).apply({"params": params["multi_modal_projector"]}, features)
+
+
+def embed_image(config: LlavaConfig, params: dict, pixel_values) -> jax.Array:
+    """pixel_values [B_img, C, S, S] -> projected image features [B_img, N, H]."""
+    return project(config, params, vision_features(config, params, pixel_values))
 
 
 def embed_text(config: LlavaConfig, params: dict, input_ids) -> jax.Array:

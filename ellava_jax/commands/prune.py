@@ -1,0 +1,132 @@
+"""`ellava prune`: SparseGPT / Wanda / magnitude pruning of the decoder, written as an HF directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+NAME = "prune"
+HELP = "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA directory."
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="toy | tiny | path to an HF LLaVA directory")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="uniform sparsity of every decoder linear"
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="JSON policy (per-layer list, per-matrix lists or dict, or a search result)",
+    )
+    p.add_argument(
+        "--nm", default=None, help="N:M structured sparsity, e.g. 2:4 (overrides --sparsity)"
+    )
+    p.add_argument(
+        "--proxy",
+        default=None,
+        help="proxy text (.txt or .jsonl with 'text'); default: the model's own",
+    )
+    p.add_argument("--nsamples", type=int, default=64, help="proxy segments (paper: 64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (paper: 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration chunk")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def calibration_batches(args, config, model_dir):
+    """Proxy batches for calibration: --proxy file, else the model's default proxy data."""
+    from ellava_jax.data.segments import proxy_segments, random_segments
+
+    if args.proxy:
+        from transformers import AutoTokenizer
+
+        if model_dir is None:
+            raise ValueError("--proxy needs a model directory with a tokenizer")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids, mask = proxy_segments(args.proxy, tok, args.nsamples, args.seqlen, args.seed)
+        return [(ids, mask, None)]
+    if model_dir is None:  # tiny: random tokens
+        ids, mask = random_segments(config.image_token_index, args.nsamples, args.seqlen, args.seed)
+        return [(ids, mask, None)]
+    from ellava_jax.models import toy_dir
+
+    if os.path.realpath(model_dir) != os.path.realpath(toy_dir()):
+        raise ValueError(
+            f"{model_dir}: pass --proxy FILE (local proxy text, e.g. PTB) to calibrate this model"
+        )
+    from ellava_jax.data import toy_proxy  # the shipped toy's own proxy data
+
+    return toy_proxy.calibration_batches(config, args.nsamples, args.seqlen, args.seed)
+
+
+def run(args) -> int:
+    from convert.hf import save_hf_llava
+    from ellava_jax.models import load_model
+    from ellava_jax.prune.hessian import build_calibration_set
+    from ellava_jax.prune.masks import (
+        format_summary,
+        load_policy,
+        masks_from_params,
+        mean_sparsity,
+        policy_to_sparsities,
+        save_masks,
+        sparsity_summary,
+    )
+    from ellava_jax.prune.pipeline import parse_nm, prune_model
+
+    nm = parse_nm(args.nm)
+    config, params, model_dir = load_model(args.model)
+    policy = load_policy(args.policy) if args.policy else args.sparsity
+    sparsities = policy_to_sparsities(config, policy)
+    calib = None
+    if args.method != "magnitude":
+        calib = build_calibration_set(
+            config, params, calibration_batches(args, config, model_dir), args.batch_size
+        )
+    pruned, stats = prune_model(
+        config, params, sparsities, args.method, calib, nm=nm, batch_size=args.batch_size
+    )
+    summary = sparsity_summary(config, pruned)
+
+    out = os.path.abspath(args.out)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
+    try:
+        model_out = os.path.join(tmp, "model")
+        save_hf_llava(model_out, config, pruned, copy_from=model_dir)
+        for name in os.listdir(model_out):
+            os.rename(os.path.join(model_out, name), os.path.join(tmp, name))
+        os.rmdir(model_out)
+        save_masks(os.path.join(tmp, "masks.npz"), masks_from_params(config, pruned))
+        report = {
+            "model": model_dir or args.model,
+            "method": args.method,
+            "nm": args.nm,
+            "requested_mean_sparsity": None if nm != (0, 0) else mean_sparsity(config, sparsities),
+            "sparsity": summary,
+            "pruner_calls": stats.pruner_calls,
+            "seconds": stats.seconds,
+            "calibration_samples": None if calib is None else calib.n_samples,
+        }
+        with open(os.path.join(tmp, "sparsity.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(format_summary(summary))
+    print(f"wrote {out} ({stats.pruner_calls} pruner calls, {stats.seconds:.1f} s)")
+    if args.json:
+        print(
+            json.dumps(
+                {k: report[k] for k in ("method", "pruner_calls", "seconds")}
+                | {"overall_sparsity": summary["overall"]}
+            )
+        )
+    return 0

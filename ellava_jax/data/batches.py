@@ -1,0 +1,156 @@
+"""Fixed-shape numpy batches of the toy task for training and scoring.
+
+A batch is `input_ids`, `attention_mask` and `target_mask` [B, T] (left padded, as the toy
+tokenizer pads) plus `pixel_values` [B_img, 3, S, S] for the rows that hold an image: the first
+B_img rows hold one image each and the rest none, so one jit compilation serves every batch.
+Rows are of four kinds: image questions, image descriptions (captions), text-only questions
+and packed text-stream rows (facts and descriptions, loss on every token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ellava_jax.data import proxy, questions, scenes
+from ellava_jax.data import tokenizer as T
+from ellava_jax.data.records import Record
+
+
+def pad_left(rows: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict:
+    """(ids, target_mask) rows -> int32 arrays [B, length], left padded, long rows cut left."""
+    b = len(rows)
+    ids = np.full((b, length), pad_id, np.int32)
+    attn = np.zeros((b, length), np.int32)
+    tgt = np.zeros((b, length), np.int32)
+    for i, (r, m) in enumerate(rows):
+        r, m = r[-length:], m[-length:]
+        n = len(r)
+        ids[i, length - n :] = r
+        attn[i, length - n :] = 1
+        tgt[i, length - n :] = m
+    return {"input_ids": ids, "attention_mask": attn, "target_mask": tgt}
+
+
+def record_rows(tok, records: list[Record], num_image_tokens: int, with_answer: bool):
+    return [T.encode_record(tok, r, num_image_tokens, with_answer) for r in records]
+
+
+def eval_batches(
+    tok, records: list[Record], num_image_tokens: int, batch_size: int, length: int
+) -> Iterator[dict]:
+    """Prompt-only batches of records with images (pixels in memory), in order.
+
+    Yields dicts with input_ids, attention_mask [B, length], pixel_values [B, 3, S, S],
+    answers [B] and n (rows that are real; the last batch is padded with copies).
+    """
+    pad = T.token_id(tok, T.PAD)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - n)
+        if not all(r.pixels is not None for r in chunk):
+            raise ValueError("eval_batches needs records with pixels")
+        out = pad_left(record_rows(tok, chunk, num_image_tokens, False), length, pad)
+        out["pixel_values"] = scenes.pixel_values(np.stack([r.pixels for r in chunk]))
+        out["answers"] = np.asarray([r.answer for r in chunk], np.int32)
+        out["n"] = n
+        yield out
+
+
+class TrainStream:
+    """Endless deterministic training batches mixing the four row kinds.
+
+    Args:
+        tok: the toy tokenizer.
+        num_image_tokens: visual tokens per image.
+        n_image_rows: rows with an image per batch (questions and captions).
+        n_text_rows: rows without (text-only questions and text-stream rows).
+        length: tokens per row.
+        seed: stream seed.
+        p_caption: share of image rows that are captions rather than questions.
+        p_stream: share of text rows that are text-stream rows rather than questions.
+        kind_weights: loss weight of each row kind (question, caption, stream). A kind's
+            target tokens share its weight equally, so that a 160-token text row does not
+            outweigh a question's one-letter answer a hundredfold.
+
+    Batches also hold `loss_weight` float32 [B, T]: the weight of predicting each token, to
+    be summed (not averaged) with the per-token negative log-likelihood.
+    """
+
+    def __init__(
+        self,
+        tok,
+        num_image_tokens: int,
+        n_image_rows: int,
+        n_text_rows: int,
+        length: int,
+        seed: int = 0,
+        p_caption: float = 0.2,
+        p_stream: float = 0.5,
+        kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
+    ):
+        self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
+        self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
+        self.p_caption, self.p_stream = p_caption, p_stream
+        self.kind_weights = kind_weights
+        self.rng = np.random.default_rng([seed, 17])
+        image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
+        self.image_q = questions.iter_records("train", seed=seed, weights=image_w)
+        self.text_q = questions.iter_records("train", seed=seed, weights={"recall": 1.0})
+        self.captions = proxy.caption_stream("train", seed=seed)
+        self.text = proxy.text_stream("train", seed=seed)
+        self.pad = T.token_id(tok, T.PAD)
+        self.bos = T.token_id(tok, T.BOS)
+        self._carry: list[int] = []
+
+    def _stream_row(self) -> tuple[list[int], list[int]]:
+        """One row of packed sentences, <s> first, loss on every token after it."""
+        ids = [self.bos]
+        while len(ids) < self.length:
+            if not self._carry:
+                self._carry = T.encode_text(self.tok, " " + next(self.text), add_bos=False)
+            take = self.length - len(ids)
+            ids += self._carry[:take]
+            self._carry = self._carry[take:]
+        return ids, [0] + [1] * (len(ids) - 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows, pixels, kinds = [], [], []  # kind: 0 question, 1 caption, 2 stream
+        for _ in range(self.n_image_rows):
+            if self.rng.random() < self.p_caption:
+                s = next(self.captions)
+                rows.append(T.encode_caption(self.tok, s.text, self.n_img_tok))
+                pixels.append(s.pixels)
+                kinds.append(1)
+            else:
+                r, _ = next(self.image_q)
+                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
+                pixels.append(r.pixels)
+                kinds.append(0)
+        for _ in range(self.n_text_rows):
+            if self.rng.random() < self.p_stream:
+                rows.append(self._stream_row())
+                kinds.append(2)
+            else:
+                r, _ = next(self.text_q)
+                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
+                kinds.append(0)
+        out = pad_left(rows, self.length, self.pad)
+        out["pixel_values"] = scenes.pixel_values(np.stack(pixels))
+        # weights of predicting token t+1 from position t: target_mask shifted left
+        tgt = np.zeros_like(out["target_mask"], dtype=np.float32)
+        tgt[:, :-1] = out["target_mask"][:, 1:]
+        kinds = np.asarray(kinds)
+        w = np.zeros_like(tgt)
+        for k, kw in enumerate(self.kind_weights):
+            sel = kinds == k
+            total = tgt[sel].sum()
+            if total > 0:
+                w[sel] = tgt[sel] * (kw / total)
+        out["loss_weight"] = w
+        return out

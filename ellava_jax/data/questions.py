@@ -1,0 +1,299 @@
+"""Questions of the toy task and its splits: multiple-choice records drawn from scenes and facts.
+
+Categories (and what they need):
+    colour, shape, count, spatial, presence   the image only
+    knowledge                                  the image and a remembered fact (a kind's name or
+                                               property, taught only through the text stream)
+    context                                    the image and a text `context` (who owns what)
+    recall                                     a remembered fact, no image (ScienceQA's NO column)
+
+Each question has 2-5 options and one correct index. Everything is deterministic in
+(TASK_SEED, split, index). Scenes reach a split only through their content bucket
+(`scenes.split_of`), so train, validation, test and proxy never share an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ellava_jax.data import facts, scenes
+from ellava_jax.data.records import MAX_CHOICES, Record, save_image, write_records
+from ellava_jax.data.scenes import COLOURS, POSITIONS, SHAPES, Obj, Scene
+
+TASK_SEED = 4  # the toy task's version; a change makes a new task
+SPLIT_CODES = {"train": 1, "validation": 2, "test": 3, "proxy": 4}
+SPLIT_SIZES = {"validation": 500, "test": 1200}
+
+CATEGORY_WEIGHTS: dict[str, float] = {
+    "colour": 0.10,
+    "shape": 0.10,
+    "count": 0.10,
+    "spatial": 0.12,
+    "presence": 0.08,
+    "knowledge": 0.25,
+    "context": 0.10,
+    "recall": 0.15,
+}
+SUBJECTS = {"knowledge": "knowledge", "recall": "knowledge", "context": "reading"}
+NUMBERS = ("zero", "one", "two", "three", "four")
+PEOPLE = ("Ann", "Bob", "Cara", "Dev", "Eli", "Fay")
+KINDS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+
+RELATION_QUESTIONS = {
+    "home": "Where does {r} live?",
+    "food": "What does {r} eat?",
+    "sound": "What sound does {r} make?",
+    "group": "What kind of creature is {r}?",
+}
+
+
+def _choices(rng, answer: str, pool, k: int | None = None) -> tuple[list[str], int]:
+    """Answer plus distractors from pool (without the answer), shuffled; 2-5 options."""
+    others = [p for p in dict.fromkeys(pool) if p != answer]
+    hi = min(MAX_CHOICES, len(others) + 1)
+    n = int(rng.integers(2, hi + 1)) if k is None else min(k, hi)
+    picked = [answer] + [others[i] for i in rng.choice(len(others), size=n - 1, replace=False)]
+    order = rng.permutation(n)
+    choices = [picked[i] for i in order]
+    return choices, int(np.argmax(order == 0))
+
+
+def _yes_no(rng, truth: bool) -> tuple[list[str], int]:
+    choices = ["yes", "no"] if rng.integers(2) == 0 else ["no", "yes"]
+    return choices, choices.index("yes" if truth else "no")
+
+
+def _refs(scene: Scene, o: Obj, avoid: str = "") -> list[str]:
+    """Referring expressions that pick out o uniquely, not mentioning `avoid` (colour/shape)."""
+    out = [f"the object in the {o.position}"]
+    if avoid != "colour" and sum(x.colour == o.colour for x in scene.objects) == 1:
+        out.append(f"the {o.colour} object")
+    if avoid != "shape" and sum(x.shape == o.shape for x in scene.objects) == 1:
+        out.append(f"the {o.shape}")
+    if not avoid:
+        out.append(f"the {o.kind}")
+    return out
+
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def q_colour(rng, scene):
+    o = _pick(rng, scene.objects)
+    q = f"What colour is {_pick(rng, _refs(scene, o, 'colour'))}?"
+    return q, *_choices(rng, o.colour, COLOURS), None
+
+
+def q_shape(rng, scene):
+    o = _pick(rng, scene.objects)
+    q = f"What shape is {_pick(rng, _refs(scene, o, 'shape'))}?"
+    return q, *_choices(rng, o.shape, SHAPES), None
+
+
+def q_count(rng, scene):
+    form = int(rng.integers(3))
+    if form == 0:
+        q, n = "How many objects are there?", len(scene.objects)
+    elif form == 1:
+        c = _pick(rng, list(COLOURS))
+        q, n = f"How many {c} objects are there?", sum(o.colour == c for o in scene.objects)
+    else:
+        s = _pick(rng, SHAPES)
+        q = f"How many objects are shaped like a {s}?"
+        n = sum(o.shape == s for o in scene.objects)
+    return q, *_choices(rng, NUMBERS[n], NUMBERS), None
+
+
+def q_spatial(rng, scene):
+    objs = scene.objects
+    form = int(rng.integers(3))
+    if form == 0:
+        o = _pick(rng, objs)
+        q = f"Where is the {o.kind}?"
+        return q, *_choices(rng, o.position, POSITIONS), None
+    pairs = [(a, b) for a in objs for b in objs if a is not b]
+    if form == 1:  # yes/no on a pair in different rows or columns
+        pairs = [(a, b) for a, b in pairs if a.row != b.row or a.col != b.col]
+        if not pairs:
+            return None
+        a, b = _pick(rng, pairs)
+        if a.row != b.row and (a.col == b.col or rng.integers(2) == 0):
+            word = _pick(rng, ("above", "below"))
+            truth = a.row < b.row if word == "above" else a.row > b.row
+        else:
+            word = _pick(rng, ("left of", "right of"))
+            truth = a.col < b.col if word == "left of" else a.col > b.col
+        return f"Is the {a.kind} {word} the {b.kind}?", *_yes_no(rng, truth), None
+    # form 2: which object is next to o in its row / column
+    pairs = [(a, b) for a, b in pairs if a.row == b.row or a.col == b.col]
+    if not pairs:
+        return None
+    a, b = _pick(rng, pairs)  # ask about a, relative to b
+    if a.row == b.row:
+        word = "left of" if a.col < b.col else "right of"
+    else:
+        word = "above" if a.row < b.row else "below"
+    q = f"Which object is {word} the {b.kind}?"
+    return q, *_choices(rng, a.kind, KINDS), None
+
+
+def q_presence(rng, scene):
+    if rng.integers(2) == 0:
+        kind = _pick(rng, scene.objects).kind
+    else:
+        absent = [k for k in KINDS if k not in {o.kind for o in scene.objects}]
+        kind = _pick(rng, absent)
+    truth = kind in {o.kind for o in scene.objects}
+    return f"Is there a {kind} in the picture?", *_yes_no(rng, truth), None
+
+
+def q_knowledge(rng, scene):
+    """Image + remembered fact: a property (or the name) of a seen object, or the reverse."""
+    kinds = facts.creature_of_kind()
+    form = int(rng.integers(6))
+    if form == 5:  # which of the objects lives in X: needs >= 2 objects with distinct homes
+        homes = [kinds[o.kind].home for o in scene.objects]
+        unique = [o for o, h in zip(scene.objects, homes) if homes.count(h) == 1]
+        if len(scene.objects) < 2 or not unique:
+            return None
+        o = _pick(rng, unique)
+        home = kinds[o.kind].home
+        pool = [x.kind for x in scene.objects if kinds[x.kind].home != home]
+        if not pool:
+            return None
+        q = f"Which object in the picture lives in the {home}?"
+        return q, *_choices(rng, o.kind, pool), None
+    o = _pick(rng, scene.objects)
+    # the kind itself is never named here: that would make it a text-only question
+    ref = _pick(rng, _refs(scene, o, "kind"))
+    c = kinds[o.kind]
+    if form == 4:
+        names = [x.name for x in kinds.values()]
+        return f"What is {ref} called?", *_choices(rng, c.name, names), None
+    rel = list(RELATION_QUESTIONS)[form]
+    q = RELATION_QUESTIONS[rel].format(r=ref)
+    return q, *_choices(rng, c.value(rel), facts.RELATIONS[rel]), None
+
+
+def q_context(rng, scene):
+    """Image + text context: who owns which object (by position), then a question on it."""
+    objs = list(scene.objects)
+    people = [PEOPLE[i] for i in rng.choice(len(PEOPLE), size=len(objs), replace=False)]
+    owned = list(zip(people, objs))
+    order = rng.permutation(len(owned))
+    context = " ".join(
+        f"{owned[i][0]} owns the object in the {owned[i][1].position}." for i in order
+    )
+    p, o = owned[int(rng.integers(len(owned)))]
+    form = int(rng.integers(3))
+    if form == 0:
+        q = f"What colour is the object {p} owns?"
+        return q, *_choices(rng, o.colour, COLOURS), context
+    if form == 1:
+        q = f"What shape is the object {p} owns?"
+        return q, *_choices(rng, o.shape, SHAPES), context
+    c = facts.creature_of_kind()[o.kind]
+    q = f"Where does the object {p} owns live?"
+    return q, *_choices(rng, c.home, facts.RELATIONS["home"]), context
+
+
+def q_recall(rng):
+    """Text-only knowledge question (no image, no context)."""
+    base = facts.fact_base()
+    c = base[int(rng.integers(len(base)))]
+    form = int(rng.integers(5 if c.kind is not None else 4))
+    if form == 4:
+        if rng.integers(2) == 0:
+            return f"What is a {c.kind} called?", *_choices(rng, c.name, [x.name for x in base])
+        return f"What does the {c.name} look like?", *_choices(rng, c.kind, KINDS)
+    rel = list(RELATION_QUESTIONS)[form]
+    q = RELATION_QUESTIONS[rel].format(r=f"the {c.name}")
+    return q, *_choices(rng, c.value(rel), facts.RELATIONS[rel])
+
+
+_IMAGE_QUESTIONS = {
+    "colour": q_colour,
+    "shape": q_shape,
+    "count": q_count,
+    "spatial": q_spatial,
+    "presence": q_presence,
+    "knowledge": q_knowledge,
+    "context": q_context,
+}
+
+
+def make_record(rng: np.random.Generator, scene: Scene | None, category: str) -> Record | None:
+    """One question of a category about a scene (None when the scene cannot support it)."""
+    subject = SUBJECTS.get(category, "perception")
+    if category == "recall":
+        q, choices, answer = q_recall(rng)
+        return Record(q, choices, answer, category, subject=subject)
+    out = _IMAGE_QUESTIONS[category](rng, scene)
+    if out is None:
+        return None
+    q, choices, answer, context = out
+    pixels = scenes.render(scene)
+    return Record(q, choices, answer, category, context=context, subject=subject, pixels=pixels)
+
+
+def iter_records(
+    split: str, seed: int | None = None, weights: dict[str, float] | None = None
+) -> Iterator[tuple[Record, Scene | None]]:
+    """Endless deterministic stream of (record with pixels, its scene) of one split.
+
+    Args:
+        split: train, validation, test or proxy (scenes come only from that split's buckets).
+        seed: extra seed (e.g. a training epoch); None is the split's canonical stream.
+        weights: category mixture; CATEGORY_WEIGHTS by default.
+    """
+    weights = CATEGORY_WEIGHTS if weights is None else weights
+    cats = list(weights)
+    p = np.asarray([weights[c] for c in cats], np.float64)
+    p = p / p.sum()
+    extra = [] if seed is None else [seed]
+    scene_stream = scenes.iter_split_scenes(split, [TASK_SEED, SPLIT_CODES[split], *extra])
+    rng = np.random.default_rng([TASK_SEED, SPLIT_CODES[split], 1000, *extra])
+    scene = next(scene_stream)
+    while True:
+        cat = cats[int(rng.choice(len(cats), p=p))]
+        rec = make_record(rng, scene, cat)
+        if rec is None:  # scene cannot support this category: draw another category
+            continue
+        yield rec, (scene if rec.has_image else None)
+        if rec.has_image:
+            scene = next(scene_stream)
+
+
+def generate_split(split: str, n: int | None = None) -> list[tuple[Record, Scene | None]]:
+    """The first n records of a split's canonical stream (n: SPLIT_SIZES by default)."""
+    n = SPLIT_SIZES[split] if n is None else n
+    out = []
+    for rec, scene in iter_records(split):
+        out.append((rec, scene))
+        if len(out) == n:
+            return out
+    raise AssertionError("unreachable")
+
+
+def write_split(out_dir: str | Path, split: str, n: int | None = None) -> Path:
+    """Writes a split as `<out_dir>/<split>.jsonl` plus PNG images under `<out_dir>/images/`.
+
+    Returns:
+        The jsonl path.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (rec, _) in enumerate(generate_split(split, n)):
+        if rec.pixels is not None:
+            rel = f"images/{split}_{i:05d}.png"
+            save_image(out_dir / rel, rec.pixels)
+            rec.image = rel
+        records.append(rec)
+    path = out_dir / f"{split}.jsonl"
+    write_records(path, records)
+    return path

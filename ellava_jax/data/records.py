@@ -1,0 +1,158 @@
+"""Multiple-choice records: the jsonl format the evaluation harness reads (ScienceQA-compatible).
+
+One JSON object per line:
+
+    question  str        required
+    choices   list[str]  required, 2-5 non-empty strings
+    answer    int        required, index into choices
+    category  str        required (per-category accuracy is reported on it)
+    image     str        optional, path of an image file relative to the jsonl's directory
+    context   str        optional, text context shown before the question (ScienceQA's hint)
+    subject   str        optional
+
+Unknown keys are an error, so a typo in a field name does not silently drop a field.
+In memory a record can also carry its image as a uint8 array (`pixels`), which the synthetic
+task uses for training without touching the disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MIN_CHOICES, MAX_CHOICES = 2, 5
+LETTERS = "ABCDE"
+
+_REQUIRED = {"question": str, "choices": list, "answer": int, "category": str}
+_OPTIONAL = {"image": str, "context": str, "subject": str}
+
+
+class RecordError(ValueError):
+    """A malformed record; the message names the file, the line and the key."""
+
+
+@dataclass
+class Record:
+    question: str
+    choices: list[str]
+    answer: int
+    category: str
+    image: str | None = None  # path, relative to the jsonl's directory
+    context: str | None = None
+    subject: str | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # uint8 [S, S, 3]
+
+    @property
+    def answer_letter(self) -> str:
+        return LETTERS[self.answer]
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.pixels is not None
+
+    def to_json(self) -> dict:
+        """The jsonl object (without pixels; write the image to a file and set `image`)."""
+        out = {
+            "question": self.question,
+            "choices": list(self.choices),
+            "answer": self.answer,
+            "category": self.category,
+        }
+        for k in _OPTIONAL:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+
+def validate(obj, where: str = "record") -> Record:
+    """Checks one decoded jsonl object; raises RecordError naming `where` and the key."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key, typ in _REQUIRED.items():
+        if key not in obj:
+            raise RecordError(f"{where}: missing required key {key!r}")
+        v = obj[key]
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise RecordError(
+                f"{where}: key {key!r} must be {typ.__name__}, got {type(v).__name__}"
+            )
+    for key, typ in _OPTIONAL.items():
+        if key in obj and obj[key] is not None and not isinstance(obj[key], typ):
+            raise RecordError(
+                f"{where}: key {key!r} must be {typ.__name__}, got {type(obj[key]).__name__}"
+            )
+    unknown = sorted(set(obj) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise RecordError(f"{where}: unknown key {unknown[0]!r}")
+    choices = obj["choices"]
+    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
+        raise RecordError(
+            f"{where}: key 'choices' must hold {MIN_CHOICES}-{MAX_CHOICES} options, "
+            f"got {len(choices)}"
+        )
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise RecordError(f"{where}: key 'choices' must hold non-empty strings")
+    if not 0 <= obj["answer"] < len(choices):
+        raise RecordError(
+            f"{where}: key 'answer' is {obj['answer']}, outside 0..{len(choices) - 1}"
+        )
+    if not obj["question"].strip():
+        raise RecordError(f"{where}: key 'question' is empty")
+    return Record(**{k: obj.get(k) for k in (*_REQUIRED, *_OPTIONAL)})
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Reads and validates a jsonl file. Image paths stay relative; see `image_path`.
+
+    Raises:
+        RecordError: on the first bad line, naming the file, the line number (1-based) and key.
+    """
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+            out.append(validate(obj, where))
+    return out
+
+
+def image_path(jsonl_path: str | Path, record: Record) -> Path | None:
+    """Absolute path of a record's image (relative paths resolve against the jsonl's dir)."""
+    if record.image is None:
+        return None
+    p = Path(record.image)
+    return p if p.is_absolute() else Path(jsonl_path).parent / p
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def save_image(path: str | Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="RGB").save(path)
+
+
+def write_records(path: str | Path, records) -> None:
+    """Writes records as jsonl (validating each; pixels are not written, use `image`)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for i, r in enumerate(records, start=1):
+            obj = r.to_json() if isinstance(r, Record) else r
+            validate(obj, f"{path}:{i}")
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")

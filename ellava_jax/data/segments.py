@@ -1,0 +1,62 @@
+"""Proxy text segments (the role PTB plays in the paper): n random windows of a token stream.
+
+`--proxy FILE` takes a local text file (`.txt`: the whole file is one stream) or a jsonl file
+(one object per line with a `text` field). A user with PTB on disk passes it here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def read_proxy_text(path: str) -> str:
+    """The text of a proxy file (.txt or .jsonl with a `text` field per line)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such proxy file")
+    if path.endswith((".jsonl", ".json")):
+        parts = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
+                parts.append(obj["text"])
+        return "\n".join(parts)
+    with open(path) as f:
+        return f.read()
+
+
+def segments_from_ids(ids: np.ndarray, n_segments: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """n random windows of seq_len tokens from a 1-D token stream: [n, seq_len].
+
+    SparseGPT's sampling: a uniformly random start per segment.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size <= seq_len:
+        raise ValueError(f"proxy stream has {ids.size} tokens, fewer than one segment of {seq_len}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, ids.size - seq_len, n_segments)
+    return np.stack([ids[s : s + seq_len] for s in starts])
+
+
+def proxy_segments(path: str, tokenizer, n_segments: int = 64, seq_len: int = 256, seed: int = 0):
+    """Tokenised proxy file -> (input_ids [n, seq_len], attention_mask [n, seq_len])."""
+    text = read_proxy_text(path)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
+    seg = segments_from_ids(ids, n_segments, seq_len, seed)
+    return seg, np.ones_like(seg)
+
+
+def random_segments(vocab_size: int, n_segments: int, seq_len: int, seed: int = 0, low: int = 3):
+    """Random-token segments: calibration for models without a tokenizer (the `tiny` preset)."""
+    rng = np.random.default_rng(seed)
+    seg = rng.integers(low, vocab_size, (n_segments, seq_len))
+    return seg, np.ones_like(seg)

@@ -1,0 +1,110 @@
+"""The level database: every decoder linear pruned once per grid level, with dense Hessians.
+
+A search candidate is then assembled by lookup: its kernel for (layer, matrix) is
+`kernels[(layer, matrix)][level]`. No candidate ever re-runs OBS; building the database takes
+levels x matrices pruner calls (a level of 0 stores the dense kernel without a call).
+
+Storage follows size: on the accelerator (default, the toy and anything that fits), or on host
+memory (`where="host"`), from where the fitness streams one layer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
+from ellava_jax.prune.masks import MATRICES, get_path, kernel_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LevelDatabase:
+    """Pruned kernels per (layer, matrix), stacked over levels: [K, in, out]."""
+
+    levels: np.ndarray
+    kernels: dict[tuple[int, str], jax.Array | np.ndarray]
+    # log(||W_level||_F / ||W_dense||_F) per (layer, matrix): [K]
+    log_norm_ratio: dict[tuple[int, str], np.ndarray]
+    pruner_calls: int = 0
+    seconds: float = 0.0
+    per_layer_seconds: list = field(default_factory=list)
+
+    def layer_kernels(self, layer: int) -> dict[str, jax.Array]:
+        """The seven [K, in, out] stacks of one layer (moved to the device if on host)."""
+        return {m: jnp.asarray(self.kernels[(layer, m)]) for m in MATRICES}
+
+    def log_norm_table(self, order: list[tuple[int, str]]) -> np.ndarray:
+        """[n_matrices, K] table of log norm ratios, rows in `order`."""
+        return np.stack([self.log_norm_ratio[k] for k in order])
+
+
+def build_database(
+    config: LlavaConfig,
+    params: dict,
+    calib: CalibrationSet,
+    levels,
+    *,
+    where: str = "device",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LevelDatabase:
+    """Prunes every decoder linear at every level with SparseGPT and dense-model Hessians.
+
+    Args:
+      levels: the grid of sparsities (e.g. `PolicySpace.levels`).
+      where: "device" keeps the stacks as device arrays, "host" as numpy arrays.
+    """
+    from ellava_jax.prune.obs import sparsegpt
+
+    if where not in ("device", "host"):
+        raise ValueError(f"database storage {where!r}: expected 'device' or 'host'")
+    levels = np.asarray(levels, np.float64)
+    kernels, norms = {}, {}
+    calls = 0
+    t_start = time.perf_counter()
+    per_layer = []
+
+    def on_layer(i, lp, hess):
+        nonlocal calls
+        t0 = time.perf_counter()
+        for m in MATRICES:
+            w = get_path(lp, kernel_path(i, m)[3:])
+            dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
+            stack = []
+            for s in levels:
+                if s <= 0:
+                    pw = w
+                else:
+                    pw, _ = sparsegpt(w, hess[MATRIX_GROUP[m]], float(s))
+                    calls += 1
+                stack.append(pw)
+            stack = jnp.stack(stack)
+            ratios = (
+                jnp.linalg.norm(stack.astype(jnp.float32).reshape(len(levels), -1), axis=1)
+                / dense_norm
+            )
+            norms[(i, m)] = np.log(np.maximum(np.asarray(ratios, np.float64), 1e-30))
+            kernels[(i, m)] = stack if where == "device" else np.asarray(stack)
+        per_layer.append(time.perf_counter() - t0)
+        return None  # dense mode: the model is not changed
+
+    calibrate(
+        config, params, calib, on_layer, mode="dense", batch_size=batch_size, progress=progress
+    )
+    db = LevelDatabase(levels, kernels, norms, calls, time.perf_counter() - t_start, per_layer)
+    log.info(
+        "level database: %d OBS calls (%d levels x %d matrices, dense levels skipped) in %.1f s",
+        calls,
+        len(levels),
+        len(kernels),
+        db.seconds,
+    )
+    return db

@@ -1,0 +1,230 @@
+"""Masks over the decoder's linear weights, sparsity summaries, and policies -> per-matrix ratios.
+
+A mask tree has the same paths as the parameter tree but holds only the pruned kernels
+(`language_model/layers/<i>/{self_attn,mlp}/<name>/kernel`), each a boolean array shaped like the
+kernel, True where the weight is kept. Everything else in the model stays dense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ellava_jax.config import LlavaConfig
+
+# The seven linear weights of a LLaMA decoder layer, as "module.name" (HF naming).
+MATRICES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def kernel_path(layer: int, matrix: str) -> tuple[str, ...]:
+    """Path of one decoder linear's kernel in the parameter tree."""
+    module, name = matrix.split(".")
+    return ("language_model", "layers", str(layer), module, name, "kernel")
+
+
+def decoder_linears(config: LlavaConfig) -> Iterator[tuple[int, str]]:
+    """(layer, matrix) for every prunable weight, in execution order."""
+    for layer in range(config.text.num_hidden_layers):
+        for m in MATRICES:
+            yield layer, m
+
+
+def matrix_shape(config: LlavaConfig, matrix: str) -> tuple[int, int]:
+    """[in, out] of one decoder linear."""
+    t = config.text
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    return {
+        "self_attn.q_proj": (t.hidden_size, q),
+        "self_attn.k_proj": (t.hidden_size, kv),
+        "self_attn.v_proj": (t.hidden_size, kv),
+        "self_attn.o_proj": (q, t.hidden_size),
+        "mlp.gate_proj": (t.hidden_size, t.intermediate_size),
+        "mlp.up_proj": (t.hidden_size, t.intermediate_size),
+        "mlp.down_proj": (t.intermediate_size, t.hidden_size),
+    }[matrix]
+
+
+def matrix_size(config: LlavaConfig, matrix: str) -> int:
+    a, b = matrix_shape(config, matrix)
+    return a * b
+
+
+def get_path(tree: Mapping, path: Sequence[str]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: Sequence[str], value) -> dict:
+    """Returns a copy of `tree` with `value` at `path` (copies only the dicts on the path)."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
+    return out
+
+
+def _iter_leaves(tree: Mapping, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _iter_leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def apply_masks(params: dict, masks: Mapping) -> dict:
+    """params with every masked kernel multiplied by its mask (zeros exactly where False)."""
+    out = params
+    for path, m in _iter_leaves(masks):
+        w = get_path(params, path)
+        out = set_path(out, path, jnp.where(m, w, jnp.zeros((), w.dtype)))
+    return out
+
+
+def masks_from_params(config: LlavaConfig, params: dict) -> dict:
+    """The mask tree implied by the zeros of the decoder linears."""
+    masks: dict = {}
+    for layer, m in decoder_linears(config):
+        p = kernel_path(layer, m)
+        masks = set_path(masks, p, get_path(params, p) != 0)
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+
+
+def policy_to_sparsities(config: LlavaConfig, policy) -> dict[tuple[int, str], float]:
+    """Per-matrix sparsity from a policy.
+
+    Accepted forms: a float (uniform); a list of one sparsity per decoder layer (the paper's
+    default, applied to all seven matrices of the layer); a list of lists, one sparsity per
+    matrix in `MATRICES` order for each layer; or a dict {"<layer>.<module>.<name>": s}
+    (every matrix must be listed).
+    """
+    n = config.text.num_hidden_layers
+    if isinstance(policy, int | float):
+        policy = [float(policy)] * n
+    if isinstance(policy, Mapping):
+        out = {}
+        for layer, m in decoder_linears(config):
+            key = f"{layer}.{m}"
+            if key not in policy:
+                raise ValueError(f"policy: no sparsity for matrix {key!r}")
+            out[(layer, m)] = float(policy[key])
+        extra = sorted(set(policy) - {f"{layer}.{m}" for layer, m in decoder_linears(config)})
+        if extra:
+            raise ValueError(f"policy: unknown matrices {extra[:3]}")
+    else:
+        policy = list(policy)
+        if len(policy) != n:
+            raise ValueError(f"policy has {len(policy)} entries, the model has {n} decoder layers")
+        out = {}
+        for layer, entry in enumerate(policy):
+            if isinstance(entry, Sequence):
+                if len(entry) != len(MATRICES):
+                    raise ValueError(
+                        f"policy layer {layer}: {len(entry)} entries, expected {len(MATRICES)} "
+                        f"({', '.join(MATRICES)})"
+                    )
+                out.update({(layer, m): float(s) for m, s in zip(MATRICES, entry)})
+            else:
+                out.update({(layer, m): float(entry) for m in MATRICES})
+    bad = {k: s for k, s in out.items() if not 0.0 <= s < 1.0}
+    if bad:
+        (layer, m), s = next(iter(bad.items()))
+        raise ValueError(f"policy: sparsity {s} for {layer}.{m} is outside [0, 1)")
+    return out
+
+
+def load_policy(path: str) -> list | dict:
+    """A policy JSON: a list, a dict, or an object with a `policy` entry (a search result)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such policy file")
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(obj, dict) and "policy" in obj:
+        obj = obj["policy"]
+    return obj
+
+
+def mean_sparsity(config: LlavaConfig, sparsities: Mapping[tuple[int, str], float]) -> float:
+    """Parameter-weighted mean sparsity over the decoder linears."""
+    tot = sum(matrix_size(config, m) for _, m in decoder_linears(config))
+    return sum(s * matrix_size(config, m) for (_, m), s in sparsities.items()) / tot
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and files
+
+
+def sparsity_summary(config: LlavaConfig, params: dict) -> dict:
+    """Measured sparsity per matrix, per layer and overall (parameter-weighted)."""
+    layers = []
+    zeros_all = size_all = 0
+    for layer in range(config.text.num_hidden_layers):
+        row = {}
+        z_l = n_l = 0
+        for m in MATRICES:
+            w = get_path(params, kernel_path(layer, m))
+            z = int(jnp.sum(w == 0))
+            row[m] = z / w.size
+            z_l, n_l = z_l + z, n_l + w.size
+        row["layer"] = z_l / n_l
+        layers.append(row)
+        zeros_all, size_all = zeros_all + z_l, size_all + n_l
+    return {"overall": zeros_all / size_all, "layers": layers}
+
+
+def format_summary(summary: dict) -> str:
+    """A fixed-width table of a `sparsity_summary`."""
+    short = [m.split(".")[1].replace("_proj", "") for m in MATRICES]
+    lines = ["layer " + " ".join(f"{s:>6}" for s in short) + "    all"]
+    for i, row in enumerate(summary["layers"]):
+        lines.append(
+            f"{i:>5} " + " ".join(f"{row[m]:6.3f}" for m in MATRICES) + f" {row['layer']:6.3f}"
+        )
+    lines.append(f"overall decoder-linear sparsity: {summary['overall']:.4f}")
+    return "\n".join(lines)
+
+
+def save_masks(path: str, masks: Mapping) -> None:
+    """Bit-packed masks, one entry per kernel path ('/'-joined), in a compressed .npz."""
+    arrays = {}
+    for p, m in _iter_leaves(masks):
+        m = np.asarray(m, bool)
+        arrays["/".join(p)] = np.packbits(m.reshape(-1))
+        arrays["/".join(p) + ":shape"] = np.asarray(m.shape, np.int64)
+    np.savez_compressed(path, **arrays)
+
+
+def load_masks(path: str) -> dict:
+    with np.load(path) as z:
+        masks: dict = {}
+        for k in z.files:
+            if k.endswith(":shape"):
+                continue
+            shape = tuple(z[k + ":shape"])
+            bits = np.unpackbits(z[k])[: int(np.prod(shape))].astype(bool).reshape(shape)
+            masks = set_path(masks, tuple(k.split("/")), jnp.asarray(bits))
+    return masks
+
+
+def tree_size(tree) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

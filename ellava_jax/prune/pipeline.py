@@ -1,0 +1,143 @@
+"""Pruning a whole model: calibration pass + one pruner per decoder linear.
+
+`prune_model` is what `ellava prune` and the search's final re-prune call: SparseGPT and Wanda
+share the sequential calibration pass of `hessian.calibrate`; magnitude pruning needs none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
+from ellava_jax.prune.masks import (
+    decoder_linears,
+    get_path,
+    kernel_path,
+    set_path,
+)
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass
+class PruneStats:
+    """What a pruning run did: how many pruner calls, and how long it took."""
+
+    method: str
+    pruner_calls: int = 0
+    seconds: float = 0.0
+    per_matrix_seconds: dict = field(default_factory=dict)
+
+
+def parse_nm(spec: str | None) -> tuple[int, int]:
+    """'2:4' -> (2, 4); None -> (0, 0) (unstructured)."""
+    if not spec:
+        return 0, 0
+    try:
+        n, m = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--nm {spec!r}: expected N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise ValueError(f"--nm {spec!r}: need 0 < N < M")
+    return n, m
+
+
+def _prune_matrix(method: str, kernel, hessian, sparsity: float, nm: tuple[int, int]):
+    n, m = nm
+    if method == "sparsegpt":
+        from ellava_jax.prune.obs import sparsegpt
+
+        return sparsegpt(kernel, hessian, sparsity, prune_n=n, prune_m=m)
+    from ellava_jax.prune import baselines
+
+    if method == "wanda":
+        norms = jnp.sqrt(jnp.maximum(jnp.diag(hessian), 0.0))  # proportional to ||X_j||_2
+        return baselines.wanda_prune(kernel, norms, sparsity, prune_n=n, prune_m=m)
+    if method == "magnitude":
+        return baselines.magnitude_prune(kernel, sparsity, prune_n=n, prune_m=m)
+    raise ValueError(f"pruning method {method!r}: choose one of {METHODS}")
+
+
+def prune_layer(
+    method: str,
+    layer: int,
+    layer_params: dict,
+    hessians: Mapping | None,
+    sparsities: Mapping[tuple[int, str], float],
+    nm: tuple[int, int],
+    stats: PruneStats,
+) -> dict:
+    """One decoder layer's seven matrices pruned; returns the new layer params."""
+    out = layer_params
+    for (li, m), s in sparsities.items():
+        if li != layer or (s <= 0 and nm == (0, 0)):
+            continue
+        path = kernel_path(li, m)[3:]  # inside the layer
+        w = get_path(layer_params, path)
+        h = None if hessians is None else hessians[MATRIX_GROUP[m]]
+        t0 = time.perf_counter()
+        new_w, _ = _prune_matrix(method, w, h, s, nm)
+        new_w.block_until_ready()
+        stats.per_matrix_seconds[f"{li}.{m}"] = time.perf_counter() - t0
+        stats.pruner_calls += 1
+        out = set_path(out, path, new_w)
+    return out
+
+
+def prune_model(
+    config: LlavaConfig,
+    params: dict,
+    sparsities: Mapping[tuple[int, str], float],
+    method: str = "sparsegpt",
+    calib: CalibrationSet | None = None,
+    *,
+    nm: tuple[int, int] = (0, 0),
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict, PruneStats]:
+    """Prunes every decoder linear to its sparsity.
+
+    Args:
+      sparsities: {(layer, matrix): sparsity}, e.g. from `masks.policy_to_sparsities`.
+      method: "sparsegpt" | "wanda" | "magnitude".
+      calib: calibration set (needed by sparsegpt and wanda; sequential, as SparseGPT).
+      nm: (N, M) for N:M sparsity, (0, 0) for unstructured.
+
+    Returns:
+      (pruned params, stats).
+    """
+    if method not in METHODS:
+        raise ValueError(f"pruning method {method!r}: choose one of {METHODS}")
+    stats = PruneStats(method)
+    t0 = time.perf_counter()
+    if method == "magnitude":
+        layers = dict(params["language_model"]["layers"])
+        for layer in range(config.text.num_hidden_layers):
+            layers[str(layer)] = prune_layer(
+                method, layer, layers[str(layer)], None, sparsities, nm, stats
+            )
+        params = dict(params, language_model=dict(params["language_model"], layers=layers))
+    else:
+        if calib is None:
+            raise ValueError(f"method {method!r} needs calibration data (proxy samples)")
+
+        def on_layer(i, lp, hess):
+            return prune_layer(method, i, lp, hess, sparsities, nm, stats)
+
+        params = calibrate(
+            config,
+            params,
+            calib,
+            on_layer,
+            mode="sequential",
+            batch_size=batch_size,
+            progress=progress,
+        )
+    stats.seconds = time.perf_counter() - t0
+    assert {k for k in sparsities} <= set(decoder_linears(config))
+    return params, stats

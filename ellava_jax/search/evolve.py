@@ -1,0 +1,247 @@
+"""The EfficientLLaVA search loop (the paper's Algorithm 1), checkpointed every round.
+
+Per round t:
+  1. the strategy (evosax GA by default, CMA-ES as an option) proposes a population of
+     genomes; each is decoded to grid levels and repaired to the budget (round 0: random
+     valid policies, as Algorithm 1's G_0);
+  2. the whole population is scored by one vmapped fitness call (fitness.py), candidates
+     assembled from the level database;
+  3. the top-k are kept; their importance weights c_m (eq. 7) weight the projector's
+     training loss (projector.py): the search space evolves;
+  4. the round's state (strategy, projector, archive, PRNG position) is checkpointed, so a
+     killed search resumes and ends with the same result.
+All randomness flows from one seed through `jax.random.fold_in(key, round)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from ellava_jax.search.policy import PolicySpace
+
+
+class SearchInterrupted(RuntimeError):
+    """Raised by `stop_after_round` (tests use it to simulate a killed search)."""
+
+
+class Strategy:
+    """evosax strategy over genomes in grid-step units; state converts to a plain dict for orbax."""
+
+    def __init__(
+        self, name: str, space: PolicySpace, population: int, init_std: float, elite_ratio: float
+    ):
+        import optax
+        from evosax.algorithms import CMA_ES, SimpleGA
+
+        self.name = name
+        dummy = jnp.zeros(space.n_entries, jnp.float32)
+        if name == "ga":
+            self.algo = SimpleGA(population, dummy, std_schedule=optax.constant_schedule(init_std))
+            self.algo.elite_ratio = elite_ratio
+        elif name == "cmaes":
+            self.algo = CMA_ES(population, dummy)
+        else:
+            raise ValueError(f"strategy {name!r}: expected 'ga' or 'cmaes'")
+        self.params = self.algo.default_params
+        if name == "cmaes":
+            self.params = self.params.replace(std_init=init_std)
+        self.centre = jnp.asarray(space.encode(space.uniform()))
+
+    def init(self, key, population, fitness):
+        if self.name == "ga":
+            return self.algo.init(key, population, fitness, self.params)
+        state = self.algo.init(key, self.centre, self.params)
+        return self.tell(key, population, fitness, state)
+
+    def ask(self, key, state):
+        pop, state = self.algo.ask(key, state, self.params)
+        return pop, state
+
+    def tell(self, key, population, fitness, state):
+        state, _ = self.algo.tell(key, population, fitness, state, self.params)
+        return state
+
+    def template(self, key):
+        """A state of the right structure (to restore a checkpoint into)."""
+        pop = jnp.zeros((self.algo.population_size, self.algo.num_dims), jnp.float32)
+        fit = jnp.zeros((self.algo.population_size,), jnp.float32)
+        return self.init(key, pop, fit)
+
+
+@dataclass
+class RoundLog:
+    round: int
+    best_fitness: float
+    mean_fitness: float
+    best_loss: float
+    best_g: float
+    best_policy: list
+    best_mean_sparsity: float
+    c_m: list
+    projector_loss_first: float | None
+    projector_loss_last: float | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _round_rng(key, r: int, salt: int) -> np.random.Generator:
+    k = jax.random.fold_in(jax.random.fold_in(key, r), salt)
+    return np.random.default_rng(np.asarray(jax.random.key_data(k)).astype(np.uint64))
+
+
+def state_to_tree(state) -> dict:
+    return serialization.to_state_dict(state)
+
+
+def tree_to_state(template, tree):
+    return serialization.from_state_dict(template, tree)
+
+
+@dataclass
+class EvolutionResult:
+    best_idx: np.ndarray  # [E] level indices of the winner
+    best_fitness: float
+    projector: dict  # the evolved projector parameters
+    rounds: list[RoundLog]
+    archive_idx: np.ndarray  # [R, top_k, E]
+    archive_fitness: np.ndarray  # [R, top_k]
+    evaluated: int  # candidates scored in all
+
+
+def evolve(
+    settings,
+    config,
+    params: dict,
+    db,
+    space: PolicySpace,
+    score,
+    train,
+    checkpoints=None,
+    *,
+    stop_after_round: int | None = None,
+    on_round=None,
+) -> EvolutionResult:
+    """Runs `settings.rounds` rounds of Algorithm 1.
+
+    Args:
+      score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness).
+      train: `train(projector, top_idx, c) -> (projector, losses)` (search-space evolution).
+      checkpoints: a `ckpt.RoundCheckpoints`; the search resumes from its latest round.
+      stop_after_round: raise `SearchInterrupted` after checkpointing this round.
+      on_round: called with each `RoundLog` (progress display).
+    """
+    key = jax.random.key(settings.seed)
+    strat = Strategy(
+        settings.strategy,
+        space,
+        settings.population,
+        settings.init_std,
+        settings.top_k / settings.population,
+    )
+    p, e, k = settings.population, space.n_entries, settings.top_k
+    projector = params["multi_modal_projector"]
+    arch_idx = np.zeros((settings.rounds, k, e), np.int32)
+    arch_fit = np.full((settings.rounds, k), np.inf, np.float32)
+    logs: list[RoundLog] = []
+    state = None
+    start = 0
+    if checkpoints is not None and checkpoints.latest() is not None:
+        last = checkpoints.latest()
+        like = {
+            "strategy": state_to_tree(strat.template(jax.random.key(0))),
+            "projector": projector,
+            "archive_idx": arch_idx,
+            "archive_fitness": arch_fit,
+        }
+        saved = checkpoints.restore(last, like)
+        state = tree_to_state(strat.template(jax.random.key(0)), saved["strategy"])
+        projector = saved["projector"]
+        arch_idx, arch_fit = np.asarray(saved["archive_idx"]), np.asarray(saved["archive_fitness"])
+        logs = checkpoints.read_logs(last, RoundLog)
+        start = last + 1
+    for r in range(start, settings.rounds):
+        t0 = time.perf_counter()
+        kr = jax.random.fold_in(key, r)
+        k_ask, k_tell = jax.random.split(kr)
+        rng = _round_rng(key, r, 1)
+        if r == 0 and settings.strategy == "ga":
+            idx = space.random(p, rng)
+        else:
+            if state is None:  # CMA-ES round 0: sample around the uniform policy
+                state = strat.algo.init(k_ask, strat.centre, strat.params)
+            genomes, state = strat.ask(k_ask, state)
+            idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
+        assert space.is_valid(idx).all()
+        j, loss, g = (np.asarray(x) for x in score(projector, idx))
+        pop = jnp.asarray(space.encode(idx))
+        if r == 0 and settings.strategy == "ga":
+            state = strat.init(k_tell, pop, jnp.asarray(j))
+        else:
+            state = strat.tell(k_tell, pop, jnp.asarray(j), state)
+        order = np.argsort(j, kind="stable")
+        top = order[:k]
+        arch_idx[r], arch_fit[r] = idx[top], j[top]
+        from ellava_jax.search.projector import importance_weights
+
+        c = importance_weights(idx[top], settings.neighbors, settings.weighting)
+        projector, plosses = train(projector, idx[top], c)
+        b = order[0]
+        log = RoundLog(
+            round=r,
+            best_fitness=float(j[b]),
+            mean_fitness=float(j.mean()),
+            best_loss=float(loss[b]),
+            best_g=float(g[b]),
+            best_policy=space.sparsities(idx[b]),
+            best_mean_sparsity=float(space.mean_sparsity(idx[b])),
+            c_m=[float(x) for x in c],
+            projector_loss_first=float(plosses[0]) if len(plosses) else None,
+            projector_loss_last=float(plosses[-1]) if len(plosses) else None,
+            seconds=time.perf_counter() - t0,
+        )
+        logs.append(log)
+        if checkpoints is not None:
+            checkpoints.save(
+                r,
+                {
+                    "strategy": state_to_tree(state),
+                    "projector": projector,
+                    "archive_idx": arch_idx,
+                    "archive_fitness": arch_fit,
+                },
+                logs,
+            )
+        if on_round is not None:
+            on_round(log)
+        if stop_after_round is not None and r == stop_after_round:
+            raise SearchInterrupted(f"stopped after round {r}")
+
+    # The winner: every archived top candidate re-scored under the final projector.
+    flat = arch_idx.reshape(-1, e)[np.isfinite(arch_fit.reshape(-1))]
+    uniq = np.unique(flat, axis=0) if len(flat) else space.uniform()[None]
+    scores = []
+    for s in range(0, len(uniq), p):
+        chunk = uniq[s : s + p]
+        padded = (
+            np.concatenate([chunk, np.repeat(chunk[:1], p - len(chunk), 0)])
+            if len(chunk) < p
+            else chunk
+        )
+        scores.append(np.asarray(score(projector, padded)[0])[: len(chunk)])
+    scores = np.concatenate(scores)
+    best = int(np.argmin(scores))
+    return EvolutionResult(
+        best_idx=uniq[best],
+        best_fitness=float(scores[best]),
+        projector=projector,
+        rounds=logs,
+        archive_idx=arch_idx,
+        archive_fitness=arch_fit,
+        evaluated=settings.population * settings.rounds + len(uniq),
+    )

@@ -1,0 +1,269 @@
+"""Fitness of a whole population of pruning policies in one jitted, vmapped call.
+
+J(alpha) = L_proxy(alpha) + eta * G(alpha), minimised, where
+  L_proxy  the language-model loss (or KL to the dense model) on the proxy batch: text segments
+           and multimodal samples, with the candidate's kernels looked up in the level database;
+  G        sum over pruned matrices of log(||W_i * M_i(alpha)||_F / ||W_i||_F), read from the
+           database's norm table (the log of the paper's product of Frobenius norms, scale-free).
+
+The population runs through the decoder together: at each layer, each candidate's kernels are
+gathered from the database stacks ([K, in, out] -> [P, in, out]) and the layer is vmapped over
+candidates. `streaming=True` jits one layer at a time, so only one layer's weights per
+candidate are ever materialised (for 7B-sized models); the default jits the whole decoder.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.model.llama import (
+    LlamaDecoderLayer,
+    RMSNorm,
+    attention_mask_4d,
+    positions_from_mask,
+    rope_cos_sin,
+)
+from ellava_jax.model.llava import lm_head, merge_image_features, project
+from ellava_jax.prune.database import LevelDatabase
+from ellava_jax.prune.masks import MATRICES, decoder_linears, kernel_path, set_path
+from ellava_jax.search.policy import PolicySpace
+
+
+@struct.dataclass
+class ProxyBatch:
+    """Decoder inputs and next-token targets of the proxy samples (left-padded)."""
+
+    inputs_embeds: jax.Array  # [N, T, H]
+    attention_mask: jax.Array  # [N, T]
+    labels: jax.Array  # [N, T] the next token at each position
+    label_mask: jax.Array  # [N, T] float, 1 where the next token is a real text token
+
+
+def next_token_targets(config: LlavaConfig, input_ids, attention_mask):
+    """(labels, label_mask): position t predicts token t+1 when both are real and t+1 is text."""
+    ids = jnp.asarray(input_ids)
+    mask = jnp.asarray(attention_mask)
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    nxt_real = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    lm = (mask > 0) & (nxt_real > 0) & (labels != config.image_token_index)
+    return labels, lm.astype(jnp.float32)
+
+
+def layer_entries(space: PolicySpace) -> np.ndarray:
+    """[L, 7] entry index of each (layer, matrix)."""
+    n = space.config.text.num_hidden_layers
+    return np.array([[space.entry_of(layer, m) for m in MATRICES] for layer in range(n)], np.int32)
+
+
+def generalization_term(space: PolicySpace, db: LevelDatabase, idx) -> jax.Array:
+    """G per candidate: sum of log norm ratios of the candidate's kernels. idx [P, E] -> [P]."""
+    order = list(decoder_linears(space.config))
+    table = jnp.asarray(db.log_norm_table(order), jnp.float32)  # [n_mat, K]
+    ent = jnp.asarray([space.entry_of(layer, m) for layer, m in order])
+    lv = jnp.asarray(idx)[:, ent]  # [P, n_mat]
+    return jnp.take_along_axis(table[None], lv[..., None], axis=2)[..., 0].sum(-1)
+
+
+def _shared_layer_params(params: dict, layer: int) -> dict:
+    """A layer's params with the seven kernels removed (norm scales only)."""
+    lp = params["language_model"]["layers"][str(layer)]
+    return {k: v for k, v in lp.items() if k in ("input_layernorm", "post_attention_layernorm")}
+
+
+def _with_kernels(shared: dict, layer: int, kernels: dict) -> dict:
+    lp = dict(shared)
+    for m, k in kernels.items():
+        lp = set_path(lp, kernel_path(layer, m)[3:], k)
+    return lp
+
+
+def _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4):
+    """One decoder layer for every candidate. stacks {m: [K,in,out]}, lv [P, 7], h [P, N, T, H]."""
+    kern = {m: stacks[m][lv[:, j]] for j, m in enumerate(MATRICES)}  # [P, in, out]
+
+    def one(k, hp):
+        lp = _with_kernels(shared, layer, k)
+        return LlamaDecoderLayer(cfg).apply({"params": lp}, hp, cos, sin, m4)[0]
+
+    return jax.vmap(one)(kern, h)
+
+
+def _head_losses(config, params, h, labels, label_mask, dense_logp):
+    """Per-candidate mean loss from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
+    norm = RMSNorm(config.text.rms_norm_eps)
+    norm_p = {"params": params["language_model"]["norm"]}
+    denom = jnp.maximum(label_mask.sum(), 1.0)
+
+    def one(hp):
+        logits = lm_head(config, params, norm.apply(norm_p, hp)).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        if dense_logp is None:
+            tok = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+            return -(tok * label_mask).sum() / denom
+        kl = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
+        return (kl * label_mask).sum() / denom
+
+    return jax.lax.map(one, h)
+
+
+@partial(jax.jit, static_argnums=0)
+def _population_losses_jit(
+    config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp
+):
+    cfg = config.text
+    p = lv_layers.shape[0]
+    positions = positions_from_mask(mask)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
+    m4 = attention_mask_4d(mask, embeds.shape[1])
+    h = jnp.broadcast_to(embeds, (p, *embeds.shape))
+    for layer in range(cfg.num_hidden_layers):
+        shared = _shared_layer_params(params, layer)
+        h = _layer_population(
+            cfg, layer, shared, stacks[layer], lv_layers[:, layer], h, cos, sin, m4
+        )
+    return _head_losses(config, params, h, labels, label_mask, dense_logp)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _layer_step_jit(cfg, layer, shared, stacks, lv, h, mask):
+    positions = positions_from_mask(mask)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+    m4 = attention_mask_4d(mask, h.shape[2])
+    return _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4)
+
+
+_head_losses_jit = jax.jit(_head_losses, static_argnums=0)
+
+
+def population_losses(
+    config: LlavaConfig,
+    params: dict,
+    db: LevelDatabase,
+    space: PolicySpace,
+    idx,
+    batch: ProxyBatch,
+    dense_logp=None,
+    *,
+    streaming: bool = False,
+) -> jax.Array:
+    """L_proxy of each candidate: idx [P, E] level indices -> [P] mean loss per token."""
+    ent = layer_entries(space)
+    lv_layers = jnp.asarray(np.asarray(idx)[:, ent])  # [P, L, 7]
+    embeds = batch.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
+    n = config.text.num_hidden_layers
+    if not streaming:
+        stacks = [db.layer_kernels(layer) for layer in range(n)]
+        return _population_losses_jit(
+            config,
+            params,
+            stacks,
+            lv_layers,
+            embeds,
+            batch.attention_mask,
+            batch.labels,
+            batch.label_mask,
+            dense_logp,
+        )
+    h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
+    for layer in range(n):
+        shared = _shared_layer_params(params, layer)
+        h = _layer_step_jit(
+            config.text,
+            layer,
+            shared,
+            db.layer_kernels(layer),
+            lv_layers[:, layer],
+            h,
+            batch.attention_mask,
+        )
+    return _head_losses_jit(config, params, h, batch.labels, batch.label_mask, dense_logp)
+
+
+def fitness(
+    config: LlavaConfig,
+    params: dict,
+    db: LevelDatabase,
+    space: PolicySpace,
+    idx,
+    batch: ProxyBatch,
+    eta: float,
+    dense_logp=None,
+    *,
+    streaming: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better."""
+    loss = population_losses(config, params, db, space, idx, batch, dense_logp, streaming=streaming)
+    g = generalization_term(space, db, idx)
+    return loss + eta * g, loss, g
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference it must equal: one candidate at a time through the ordinary model.
+
+
+def assemble(
+    config: LlavaConfig, params: dict, db: LevelDatabase, space: PolicySpace, idx_one
+) -> dict:
+    """Full params of one candidate, kernels looked up in the database."""
+    idx_one = np.asarray(idx_one)
+    out = params
+    for layer, m in decoder_linears(config):
+        k = db.kernels[(layer, m)][int(idx_one[space.entry_of(layer, m)])]
+        out = set_path(out, kernel_path(layer, m), jnp.asarray(k))
+    return out
+
+
+@partial(jax.jit, static_argnums=0)
+def single_loss(config, params, embeds, mask, labels, label_mask, dense_logp=None):
+    """Loss of one model on the proxy batch, through `decode` (the loop baseline)."""
+    from ellava_jax.model.llava import decode
+
+    logits, _ = decode(config, params, embeds, mask)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    denom = jnp.maximum(label_mask.sum(), 1.0)
+    if dense_logp is None:
+        tok = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        return -(tok * label_mask).sum() / denom
+    kl = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
+    return (kl * label_mask).sum() / denom
+
+
+def loop_losses(config, params, db, space, idx, batch: ProxyBatch, dense_logp=None) -> np.ndarray:
+    """The same L_proxy as `population_losses`, one candidate at a time (Python loop)."""
+    out = []
+    for row in np.asarray(idx):
+        p = assemble(config, params, db, space, row)
+        out.append(
+            single_loss(
+                config,
+                p,
+                batch.inputs_embeds,
+                batch.attention_mask,
+                batch.labels,
+                batch.label_mask,
+                dense_logp,
+            )
+        )
+    return np.asarray(jnp.stack(out))
+
+
+def dense_log_probs(config: LlavaConfig, params: dict, batch: ProxyBatch) -> jax.Array:
+    """log-probabilities of the dense model on the batch (the KL target)."""
+    from ellava_jax.model.llava import decode
+
+    logits, _ = jax.jit(decode, static_argnums=0)(
+        config, params, batch.inputs_embeds, batch.attention_mask
+    )
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def project_and_merge(config: LlavaConfig, projector_params, vision_feats, input_ids, text_embeds):
+    """Multimodal embeddings for a given projector: CLIP features [B_img, N, D_v] are fixed."""
+    feats = project(config, {"multi_modal_projector": projector_params}, vision_feats)
+    return merge_image_features(config, input_ids, text_embeds, feats)

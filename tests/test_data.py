@@ -1,0 +1,208 @@
+"""The synthetic toy task, the record format and the toy tokenizer."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from ellava_jax.data import facts, proxy, questions, scenes
+from ellava_jax.data import tokenizer as T
+from ellava_jax.data.records import Record, RecordError, load_image, load_records, write_records
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return questions.generate_split("test")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.build_toy_tokenizer()
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_scene_images_and_pixel_values():
+    rng = np.random.default_rng(0)
+    s = scenes.sample_scene(rng)
+    img = scenes.render(s)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    px = scenes.pixel_values(img)
+    assert px.shape == (1, 3, 32, 32) and px.dtype == np.float32
+    expect = (img[5, 7, 1] / 255 - scenes.CLIP_MEAN[1]) / scenes.CLIP_STD[1]
+    assert px[0, 1, 5, 7] == pytest.approx(expect, rel=1e-5)
+    assert scenes.num_visual_tokens() >= 64
+    for o in s.objects:  # each object's colour is drawn at its centre
+        cx, cy = o.centre()
+        assert tuple(img[cy, cx]) == scenes.COLOURS[o.colour]
+
+
+def test_determinism_by_seed():
+    a = _take(questions.iter_records("train", seed=3), 50)
+    b = _take(questions.iter_records("train", seed=3), 50)
+    c = _take(questions.iter_records("train", seed=4), 50)
+    assert [r.to_json() for r, _ in a] == [r.to_json() for r, _ in b]
+    assert all(np.array_equal(x.pixels, y.pixels) for (x, _), (y, _) in zip(a, b) if x.has_image)
+    assert [r.to_json() for r, _ in a] != [r.to_json() for r, _ in c]
+    assert _take(proxy.text_stream("proxy"), 20) == _take(proxy.text_stream("proxy"), 20)
+    assert facts.fact_base() == facts.fact_base.__wrapped__()
+
+
+def test_splits_never_share_an_image(test_split):
+    keys = {}
+    keys["test"] = {s.key() for _, s in test_split if s is not None}
+    keys["validation"] = {s.key() for _, s in questions.generate_split("validation") if s}
+    keys["train"] = {s.key() for _, s in _take(questions.iter_records("train"), 3000) if s}
+    keys["proxy"] = {s.scene.key() for s in proxy.multimodal_samples(500)}
+    names = list(keys)
+    for i, a in enumerate(names):
+        assert keys[a], a
+        for b in names[i + 1 :]:
+            assert not keys[a] & keys[b], (a, b)
+    for _, s in test_split:
+        if s is not None:
+            assert scenes.split_of(s) == "test"
+    with pytest.raises(ValueError):
+        proxy.multimodal_samples(1, split="test")
+
+
+def test_test_split_size_and_categories(test_split):
+    assert len(test_split) >= 1000
+    cats = {r.category for r, _ in test_split}
+    assert cats == set(questions.CATEGORY_WEIGHTS)
+    for r, s in test_split:
+        assert 2 <= len(r.choices) <= 5 and len(set(r.choices)) == len(r.choices)
+        assert 0 <= r.answer < len(r.choices)
+        assert (s is None) == (r.category == "recall") == (not r.has_image)
+        assert (r.context is not None) == (r.category == "context")
+
+
+def test_knowledge_answers_follow_the_fact_base(test_split):
+    kinds = facts.creature_of_kind()
+    names = {c.name for c in facts.fact_base()}
+    assert len(names) == len(facts.fact_base())  # names are unique
+    for r, s in test_split:
+        m = re.fullmatch(r"What is the object in the (\w+ \w+) called\?", r.question)
+        if m:
+            o = next(o for o in s.objects if o.position == m.group(1))
+            assert r.choices[r.answer] == kinds[o.kind].name
+        m = re.fullmatch(r"Where does the (\w+) live\?", r.question)
+        if m and r.category == "recall":
+            assert r.choices[r.answer] == facts.creature_by_name()[m.group(1)].home
+
+
+def test_proxy_text_is_not_questions():
+    text = " ".join(proxy.proxy_text_segments(20))
+    assert "?" not in text and "Answer" not in text
+    for s in proxy.multimodal_samples(5):
+        assert s.pixels.shape == (32, 32, 3)
+        assert proxy.describe(s.scene).split(".")[0] in s.text
+
+
+def test_write_split_round_trip(tmp_path):
+    path = questions.write_split(tmp_path, "validation", n=30)
+    recs = load_records(path)
+    assert len(recs) == 30
+    want = questions.generate_split("validation", 30)
+    for r, (w, _) in zip(recs, want):
+        assert r.to_json() == {**w.to_json(), **({"image": r.image} if w.has_image else {})}
+        if w.has_image:
+            assert np.array_equal(load_image(tmp_path / r.image), w.pixels)
+    write_records(tmp_path / "again.jsonl", recs)
+    assert (tmp_path / "again.jsonl").read_text() == path.read_text()
+
+
+@pytest.mark.parametrize(
+    "obj, key",
+    [
+        ({"choices": ["a", "b"], "answer": 0, "category": "c"}, "question"),
+        ({"question": "q", "choices": "ab", "answer": 0, "category": "c"}, "choices"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 2, "category": "c"}, "answer"),
+        ({"question": "q", "choices": ["a"], "answer": 0, "category": "c"}, "choices"),
+        ({"question": "q", "choices": ["a", "b"], "answer": True, "category": "c"}, "answer"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 0, "category": "c", "img": "x"}, "img"),
+        (
+            {"question": "q", "choices": ["a", "b"], "answer": 0, "category": "c", "image": 3},
+            "image",
+        ),
+    ],
+)
+def test_bad_line_names_file_line_and_key(tmp_path, obj, key):
+    good = {"question": "q", "choices": ["a", "b"], "answer": 1, "category": "c"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(obj) + "\n")
+    with pytest.raises(RecordError) as e:
+        load_records(path)
+    msg = str(e.value)
+    assert f"{path}:3" in msg and repr(key) in msg
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": \n')
+    with pytest.raises(RecordError, match=re.escape(f"{path}:1")):
+        load_records(path)
+
+
+def test_tokenizer_covers_the_task(tok, test_split):
+    assert 200 <= tok.get_vocab_size() <= 2000
+    assert [tok.token_to_id(t) for t in T.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    for r, _ in test_split:
+        ids, _ = T.encode_record(tok, r, 64, with_answer=True)
+        assert tok.token_to_id(T.UNK) not in ids, r
+    for text in proxy.proxy_text_segments(50):
+        assert tok.token_to_id(T.UNK) not in tok.encode(text).ids
+    # invented names never collide with a word of the templates
+    plain = [
+        r.question + " " + (r.context or "") for r, _ in test_split if r.subject != "knowledge"
+    ]
+    plain += [T.INSTRUCTION, proxy.describe(test_split[0][1] or test_split[1][1])]
+    template_words = set(re.findall(r"[a-z]+", " ".join(plain).lower()))
+    assert not template_words & {c.name for c in facts.fact_base()}
+
+
+def test_tokenizer_loads_with_transformers_and_round_trips(tok, tmp_path, test_split):
+    transformers = pytest.importorskip("transformers")
+    T.save_tokenizer(tok, tmp_path)
+    at = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert at.padding_side == "left"
+    assert (at.bos_token, at.eos_token, at.pad_token, at.unk_token) == (
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<unk>",
+    )
+    assert at.convert_tokens_to_ids("<image>") == 4
+    rec = test_split[0][0]
+    text = T.format_prompt(rec) + T.format_answer(rec)
+    ids = at(text)["input_ids"]
+    assert ids == tok.encode(text).ids == T.encode_text(tok, text)
+    assert ids[0] == at.bos_token_id
+    assert at.decode(ids[1:]) == text
+    batch = at(["The peg eats fish.", "What colour is the circle?"], padding=True)
+    assert batch["input_ids"][0][0] == at.pad_token_id  # left padding
+    assert T.encode_text(at, text) == ids
+
+
+def test_prompt_format_and_image_placeholders(tok):
+    rec = Record("What colour is the circle?", ["red", "blue"], 1, "colour", context="Ann owns it.")
+    rec.pixels = np.zeros((32, 32, 3), np.uint8)
+    assert T.format_prompt(rec) == (
+        "USER: <image>\nContext: Ann owns it.\nWhat colour is the circle?\nA. red\nB. blue\n"
+        "Answer with the option's letter from the given choices directly. ASSISTANT:"
+    )
+    assert T.format_answer(rec) == " B"
+    ids, mask = T.encode_record(tok, rec, 64, with_answer=True)
+    assert ids.count(T.token_id(tok, T.IMAGE)) == 64
+    first = ids.index(4)
+    assert ids[first : first + 64] == [4] * 64
+    assert ids[-2:] == [T.letter_ids(tok)[1], T.token_id(tok, T.EOS)]
+    assert mask == [0] * (len(ids) - 2) + [1, 1]
+    text_only = Record("Where does the peg live?", ["north", "forest"], 1, "recall")
+    ids, _ = T.encode_record(tok, text_only, 64)
+    assert T.token_id(tok, T.IMAGE) not in ids
+    assert tok.decode(ids, skip_special_tokens=False).startswith("<s>USER: Where")
+    assert len(set(T.letter_ids(tok))) == 5

@@ -1,0 +1,194 @@
+"""The EfficientLLaVA search on the tiny config: policy space, fitness, c_m, resume, end to end."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ellava_jax import ckpt
+from ellava_jax.config import get_preset
+from ellava_jax.model import init_params
+from ellava_jax.prune.database import build_database
+from ellava_jax.prune.hessian import build_calibration_set
+from ellava_jax.search.evolve import SearchInterrupted, evolve
+from ellava_jax.search.fitness import fitness, loop_losses, population_losses
+from ellava_jax.search.policy import PolicySpace
+from ellava_jax.search.projector import importance_weights, train_projector
+from ellava_jax.search.proxy_sources import random_proxy
+from ellava_jax.search.run import FitnessBatches
+from ellava_jax.search.settings import SearchSettings, load_settings
+
+
+def test_policy_space_repairs_every_candidate_to_the_budget():
+    cfg = get_preset("llava-1.5-7b")
+    rng = np.random.default_rng(0)
+    for gran in ("layer", "matrix"):
+        space = PolicySpace(cfg, 0.5, gran)
+        assert space.levels.tolist() == [0.4, 0.45, 0.5, 0.55, 0.6]
+        raw = rng.normal(2, 3, (200, space.n_entries))
+        idx = np.stack([space.decode(g, rng) for g in raw])
+        assert space.is_valid(idx).all()
+        assert np.abs(space.mean_sparsity(idx) - 0.5).max() <= 0.01 + 1e-9
+        # extremes are repaired, not discarded
+        assert space.is_valid(space.repair(np.zeros(space.n_entries, int), rng))
+        assert space.is_valid(space.repair(np.full(space.n_entries, 4), rng))
+    # same rng seed, same repair
+    s = PolicySpace(cfg, 0.3)
+    a = s.decode(np.full(32, 4.0), np.random.default_rng(7))
+    b = s.decode(np.full(32, 4.0), np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_importance_weights():
+    idx = np.array([[0, 0], [0, 1], [1, 0], [4, 4]])
+    c = importance_weights(idx, neighbors=2)
+    assert np.isclose(c.sum(), 1.0) and c.argmin() == 3 and np.isclose(c[1], c[2])
+    # sums of the 2 nearest squared distances: [1+1, 1+2, 1+2, 25+25] -> softmax(-s)
+    s = np.array([2.0, 3.0, 3.0, 50.0])
+    np.testing.assert_allclose(c, np.exp(-s) / np.exp(-s).sum())
+    np.testing.assert_allclose(importance_weights(idx, mode="uniform"), 0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny_search():
+    config = get_preset("tiny")
+    params = init_params(config, jax.random.key(0))
+    settings = SearchSettings(
+        model="tiny",
+        p0=0.5,
+        population=6,
+        rounds=3,
+        top_k=4,
+        neighbors=3,
+        projector_steps=2,
+        projector_lr=1e-3,
+        proxy_segments=6,
+        proxy_seq_len=24,
+        proxy_multimodal_samples=3,
+    )
+    proxy = random_proxy(config, 6, 24, 3)
+    calib = build_calibration_set(config, params, proxy.calibration_batches())
+    space = PolicySpace(config, 0.5, "layer")
+    db = build_database(config, params, calib, space.levels, progress=False)
+    fb = FitnessBatches(config, params, proxy, settings)
+    return config, params, settings, space, db, fb
+
+
+def test_database_counts_levels_times_matrices(tiny_search):
+    config, params, settings, space, db, fb = tiny_search
+    assert db.pruner_calls == 5 * 7 * config.text.num_hidden_layers
+    for key, stack in db.kernels.items():
+        sp = (np.asarray(stack) == 0).reshape(5, -1).mean(1)
+        np.testing.assert_allclose(sp, space.levels, atol=0.02, err_msg=str(key))
+
+
+def test_vmapped_fitness_equals_the_python_loop(tiny_search):
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(6, np.random.default_rng(1))
+    batch = fb.batch(params["multi_modal_projector"])
+    ours = np.asarray(population_losses(config, params, db, space, idx, batch))
+    ref = loop_losses(config, params, db, space, idx, batch)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    streamed = np.asarray(population_losses(config, params, db, space, idx, batch, streaming=True))
+    np.testing.assert_allclose(streamed, ref, rtol=1e-5)
+    j, loss, g = fitness(config, params, db, space, idx, batch, 0.5)
+    np.testing.assert_allclose(np.asarray(j), np.asarray(loss) + 0.5 * np.asarray(g), rtol=1e-6)
+    assert (np.asarray(g) < 0).all()  # pruning only removes norm here
+
+
+def test_projector_training_moves_only_the_projector_and_lowers_its_loss(tiny_search):
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(4, np.random.default_rng(2))
+    c = importance_weights(idx, 3)
+    new, losses = train_projector(config, params, db, space, idx, c, fb.mm, steps=8, lr=1e-4)
+    assert losses[-1] < losses[0]
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(
+        params["multi_modal_projector"]
+    )
+    assert not np.allclose(
+        new["linear_1"]["kernel"], params["multi_modal_projector"]["linear_1"]["kernel"]
+    )
+
+
+def _evolve(tiny_search, ckdir, stop=None):
+    config, params, settings, space, db, fb = tiny_search
+
+    def score(projector, idx):
+        p = dict(params, multi_modal_projector=projector)
+        return fitness(config, p, db, space, idx, fb.batch(projector), settings.eta)
+
+    def train(projector, top, c):
+        p = dict(params, multi_modal_projector=projector)
+        return train_projector(config, p, db, space, top, c, fb.mm, steps=2, lr=1e-3)
+
+    cps = ckpt.RoundCheckpoints(ckdir)
+    try:
+        return evolve(settings, config, params, db, space, score, train, cps, stop_after_round=stop)
+    finally:
+        cps.close()
+
+
+def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path):
+    full = _evolve(tiny_search, tmp_path / "a")
+    again = _evolve(tiny_search, tmp_path / "b")
+    np.testing.assert_array_equal(full.best_idx, again.best_idx)  # same seed, same policy
+    with pytest.raises(SearchInterrupted):
+        _evolve(tiny_search, tmp_path / "c", stop=0)
+    resumed = _evolve(tiny_search, tmp_path / "c")
+    np.testing.assert_array_equal(resumed.best_idx, full.best_idx)
+    np.testing.assert_array_equal(resumed.archive_idx, full.archive_idx)
+    np.testing.assert_allclose(resumed.archive_fitness, full.archive_fitness, rtol=1e-6)
+    assert [r.round for r in resumed.rounds] == [0, 1, 2]
+    for a, b in zip(
+        jax.tree_util.tree_leaves(resumed.projector), jax.tree_util.tree_leaves(full.projector)
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_every_config_file_loads():
+    files = sorted(glob.glob("configs/*.yaml"))
+    assert files
+    for f in files:
+        s = load_settings(f)
+        PolicySpace(
+            get_preset("tiny") if s.model in ("tiny", "toy") else get_preset("llava-1.5-7b"), s.p0
+        )
+
+
+def test_unknown_setting_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("p0: 0.5\npopulaton: 16\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown setting\(s\) \['populaton'\]"):
+        load_settings(str(p))
+
+
+def test_search_command_end_to_end_on_tiny(tmp_path, capsys):
+    from ellava_jax.cli import main
+
+    out = tmp_path / "run"
+    assert (
+        main(["search", "--config", "configs/tiny.yaml", "--out", str(out), "--no-eval", "--json"])
+        == 0
+    )
+    res = json.loads((out / "result.json").read_text())
+    n = get_preset("tiny").text.num_hidden_layers
+    assert len(res["policy"]) == n and abs(res["mean_sparsity"] - 0.5) <= 0.01
+    assert abs(res["measured_sparsity"] - res["mean_sparsity"]) < 0.01
+    assert res["obs_calls"] == {
+        "database": 5 * 7 * n,
+        "final_reprune": 7 * n,
+        "search_total": 6 * 7 * n,
+        "uniform_baseline": 7 * n,
+    }
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 3 and all(len(r["c_m"]) == 6 for r in rounds)
+    from convert.hf import load_hf_llava
+
+    cfg, pruned = load_hf_llava(out / "model")
+    assert cfg == get_preset("tiny")
+    restored = ckpt.load_tree(str(out / "checkpoint"), pruned)
+    np.testing.assert_array_equal(restored["lm_head"]["kernel"], pruned["lm_head"]["kernel"])
