@@ -293,6 +293,24 @@ def test_recipe_is_monotone_and_meets_the_budget(tiny_model, fitted):
     assert recipes[0.5].text_tokens == round(float(text.mean()))
 
 
+def test_flops_scope_and_reference_length(tiny_model, fitted):
+    config, params = tiny_model
+    cal, recipes = fitted
+    # FitPrune's accounting: the visual tokens' FLOPs alone (text tokens left out).
+    r = fit_recipe(config, params, cal, 0.5, flops_scope="visual")
+    assert r.flops_scope == "visual" and r.flops_reduction >= 0.5
+    assert r.flops_reduction == pytest.approx(flops_reduction(config, 0, 1, r.keep))
+    # The same budget over the whole prompt (text included) needs more dropping.
+    assert sum(recipes[0.5].keep) <= sum(r.keep)
+    # A longer deployment prompt: the budget is computed for it.
+    r40 = fit_recipe(config, params, cal, 0.3, text_tokens=12)
+    assert r40.text_tokens == 12
+    assert flops_reduction(config, 12, 1, r40.keep) == pytest.approx(r40.flops_reduction)
+    assert r40.flops_reduction >= 0.3
+    with pytest.raises(ValueError, match="flops_scope"):
+        fit_recipe(config, params, cal, 0.3, flops_scope="all")
+
+
 def test_unreachable_budget_is_a_clear_error(tiny_model):
     config, params = tiny_model
     cal = random_calibration(config, 4, seed=1)

@@ -28,6 +28,20 @@ def add_arguments(p):
         help="how tokens are ranked at inference: attention from text tokens (default), or "
         "that times the attention from the image's own visual tokens",
     )
+    p.add_argument(
+        "--flops-scope",
+        default="prompt",
+        choices=["prompt", "visual"],
+        help="what the reduction is of: the decoder's whole prefill of the reference prompt "
+        "(default), or the FLOPs of its visual tokens alone (FitPrune's accounting)",
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="text tokens of the reference prompt the budget is computed for "
+        "(default: the calibration samples' mean)",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
     p.add_argument("--batch-size", type=int, default=8, help="calibration rows per batch")
     p.add_argument("--out", required=True, help="where to write the recipe (JSON)")
@@ -50,6 +64,8 @@ def run(args) -> int:
         cal,
         args.flops_reduction,
         score=args.score,
+        flops_scope=args.flops_scope,
+        text_tokens=args.text_tokens,
         batch_size=args.batch_size,
     )
     recipe.save(args.out)
@@ -61,6 +77,7 @@ def run(args) -> int:
         "alpha": recipe.alpha,
         "keep": list(recipe.keep),
         "visual_tokens": config.num_image_tokens,
+        "flops_scope": recipe.flops_scope,
         "reference_prompt": {"text_tokens": recipe.text_tokens, "images": recipe.images},
         "samples": recipe.samples,
         "recipe_seconds": round(recipe.seconds, 3),

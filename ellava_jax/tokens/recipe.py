@@ -19,7 +19,10 @@ The method (Ye et al., "Fit and Prune", 2024), in our reading:
    grows over layers).
 
 FLOPs are the decoder's prefill FLOPs (`ellava_jax.eval.flops`), text and visual tokens
-together, for a reference prompt of the calibration batch's mean text length and image count.
+together, for a reference prompt of the calibration batch's mean text length and image count
+(or a given text length). FitPrune's own accounting counts the visual tokens alone
+(`flops_scope='visual'`), which is close for LLaVA-1.5 (576 visual tokens, ~60 text) but
+not for a model whose prompts hold as much text as image.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Recipe:
     alpha: float = 0.0  # the tolerance found by the search
     text_tokens: int = 0  # reference prompt: text tokens ...
     images: int = 1  # ... and images
+    flops_scope: str = "prompt"  # 'prompt': all its tokens; 'visual': its visual tokens only
     samples: int = 0  # calibration samples
     score: str = "text"  # how apply ranks tokens (see apply.visual_scores)
     seconds: float = 0.0  # fitting time
@@ -313,6 +317,8 @@ def fit_recipe(
     flops_reduction: float,
     *,
     score: str = "text",
+    flops_scope: str = "prompt",
+    text_tokens: int | None = None,
     tol: float = 1 / 256,
     batch_size: int = 8,
 ) -> Recipe:
@@ -323,6 +329,11 @@ def fit_recipe(
       calibration: the calibration batch (prompts with images; never an evaluation split).
       flops_reduction: the share of the decoder's prefill FLOPs to remove, in [0, 1).
       score: how `apply` will rank tokens ('text' or 'text_x_visual'); stored in the recipe.
+      flops_scope: 'prompt' (default): the budget is on the decoder's whole prefill of the
+        reference prompt, text tokens included; 'visual': on the FLOPs of its visual tokens
+        alone (FitPrune's own accounting, which leaves text tokens out).
+      text_tokens: text tokens of the reference prompt (default: the calibration mean); set it
+        to the deployment prompts' length when the calibration text is longer or shorter.
       tol: binary-search precision on alpha.
       batch_size: calibration rows per simulated batch (bounds memory: [B, heads, T, T] probs).
     """
@@ -331,12 +342,17 @@ def fit_recipe(
     t0 = time.perf_counter()
     images, text = image_layout(config, calibration.input_ids, calibration.attention_mask)
     ref_images = max(1, int(round(float(np.mean(images)))))
-    ref_text = int(round(float(np.mean(text))))
-    dense_flops = total_flops(decoder_prefill_flops(config, ref_text, ref_images))
+    if flops_scope not in ("prompt", "visual"):
+        raise ValueError(f"flops_scope={flops_scope!r} must be 'prompt' or 'visual'")
+    ref_text = int(round(float(np.mean(text)))) if text_tokens is None else int(text_tokens)
+    if ref_text < 0:
+        raise ValueError(f"text_tokens={ref_text} must be >= 0")
+    budget_text = ref_text if flops_scope == "prompt" else 0
+    dense_flops = total_flops(decoder_prefill_flops(config, budget_text, ref_images))
     budget = dense_flops * (1.0 - flops_reduction)
 
     def flops_of(keep):
-        return total_flops(decoder_prefill_flops(config, ref_text, ref_images, keep))
+        return total_flops(decoder_prefill_flops(config, budget_text, ref_images, keep))
 
     sim = _Simulator(config, params, calibration, batch_size)
     n = config.num_image_tokens
@@ -346,7 +362,7 @@ def fit_recipe(
     def recipe_at(alpha: float) -> tuple[int, ...]:
         if alpha not in cache:
             cache[alpha] = recipe_from_drops(
-                config, sim.mean_drops(alpha), budget, ref_text, ref_images
+                config, sim.mean_drops(alpha), budget, budget_text, ref_images
             )
         return cache[alpha]
 
@@ -359,8 +375,8 @@ def fit_recipe(
             best = 1.0 - flops_of(recipe_at(hi)) / dense_flops
             raise ValueError(
                 f"a {flops_reduction:.0%} prefill FLOPs reduction is out of reach by dropping "
-                f"visual tokens: at most {best:.1%} for prompts of {ref_text} text tokens and "
-                f"{ref_images} image(s) of {n} tokens"
+                f"visual tokens: at most {best:.1%} for prompts of {budget_text} text tokens and "
+                f"{ref_images} image(s) of {n} tokens (flops_scope={flops_scope!r})"
             )
         while hi - lo > tol:
             mid = (lo + hi) / 2
@@ -377,6 +393,7 @@ def fit_recipe(
         alpha=float(hi),
         text_tokens=ref_text,
         images=ref_images,
+        flops_scope=flops_scope,
         samples=len(calibration),
         score=score,
         seconds=time.perf_counter() - t0,
@@ -415,22 +432,18 @@ def random_calibration(config: LlavaConfig, n: int = 32, seed: int = 0) -> Calib
 
 
 def proxy_calibration(config: LlavaConfig, model_dir: str, n: int = 32, seed: int = 0):
-    """n multimodal proxy samples (image + description) of the toy task, as model inputs.
+    """n multimodal proxy samples of the toy task (image + description), as model inputs.
 
-    The prompt is the LLaVA-1.5 form `USER: <image>\\n{description} ASSISTANT:`; the scenes come
-    from the proxy split, never from an evaluation split.
+    Each is the caption turn `USER: <image>\nDescribe the picture. ASSISTANT: {description}</s>`
+    (`data.tokenizer.encode_caption`): the description is the text that attends to the image.
+    The scenes come from the proxy split, never from an evaluation split.
     """
     from ellava_jax.data import proxy, scenes, tokenizer
 
     tok = tokenizer.load_tokenizer(model_dir)
     samples = proxy.multimodal_samples(n, split="proxy", seed=seed)
-    rows = []
-    for s in samples:
-        prompt = tokenizer.expand_image_tokens(
-            f"USER: {tokenizer.IMAGE}\n{s.text} ASSISTANT:", config.num_image_tokens
-        )
-        rows.append(tokenizer.encode_text(tok, prompt))
-    ids, mask = pad_left(rows, config.text.pad_token_id or 0)
+    rows = [tokenizer.encode_caption(tok, s.text, config.num_image_tokens)[0] for s in samples]
+    ids, mask = pad_left(rows, tokenizer.token_id(tok, tokenizer.PAD))
     pix = scenes.pixel_values(np.stack([s.pixels for s in samples]))
     return Calibration(ids, mask, np.asarray(pix, np.float32))
 
