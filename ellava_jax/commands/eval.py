@@ -1,0 +1,76 @@
+"""`ellava eval`: multiple-choice accuracy (overall and per category) and proxy perplexity."""
+
+from __future__ import annotations
+
+import json
+
+NAME = "eval"
+HELP = "Evaluate a LLaVA model on multiple-choice VQA (jsonl, or the toy's test split) and proxy perplexity."
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="toy", help="toy | path to an HF LLaVA directory")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="jsonl records (question, choices, answer, category, image?, context?); default: the toy's test split",
+    )
+    p.add_argument("--scoring", default="generate", choices=["generate", "likelihood"])
+    p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--proxy", default=None, help="proxy text for perplexity (default: the toy's own)"
+    )
+    p.add_argument(
+        "--token-recipe",
+        default=None,
+        help="FitPrune recipe JSON: prune visual tokens during prefill",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+
+
+def run(args) -> int:
+    from ellava_jax.data import tokenizer as T
+    from ellava_jax.eval import harness
+    from ellava_jax.models import TOY_NAME, load_model
+
+    config, params, model_dir = load_model(args.model)
+    if model_dir is None:
+        raise ValueError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
+    tok = T.load_tokenizer(model_dir)
+    records, path = harness.load_eval_records(args.data, args.limit)
+    logits_fn = None
+    if args.token_recipe:
+        from ellava_jax.tokens import load_recipe, recipe_last_logits
+
+        recipe = load_recipe(args.token_recipe, config)
+        logits_fn = recipe_last_logits(recipe)
+    res = harness.evaluate_records(
+        config,
+        params,
+        tok,
+        records,
+        jsonl_path=path,
+        model_dir=model_dir,
+        scoring=args.scoring,
+        batch_size=args.batch_size,
+        logits_fn=logits_fn,
+    )
+    res["model"] = model_dir
+    if args.proxy:
+        from transformers import AutoTokenizer
+
+        from ellava_jax.data.segments import proxy_segments
+
+        ids, mask = proxy_segments(args.proxy, AutoTokenizer.from_pretrained(model_dir), 32, 128)
+        res["proxy_perplexity"] = harness.perplexity(config, params, ids, mask)
+    elif args.model == TOY_NAME or args.data is None:
+        res["proxy_perplexity"] = harness.toy_proxy_perplexity(config, params, tok)
+    print(f"accuracy {res['accuracy']:.4f} on {res['n']} questions ({res['scoring']})")
+    for cat, acc in res["per_category"].items():
+        print(f"  {cat:>10}: {acc:.4f} (n={res['per_category_n'][cat]})")
+    if "proxy_perplexity" in res:
+        print(f"proxy perplexity {res['proxy_perplexity']:.3f}")
+    if args.json:
+        print(json.dumps(res))
+    return 0

@@ -1,0 +1,82 @@
+"""Image files -> CLIP pixel values, as a model directory's `preprocessor_config.json` says.
+
+CLIPImageProcessor's steps: resize the shortest edge (bicubic), centre crop, rescale to [0, 1],
+normalise with the image mean / std, channels first. Without a preprocessor config the tower's
+`image_size` and CLIP's mean / std are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.data.records import load_image
+from ellava_jax.data.scenes import CLIP_MEAN, CLIP_STD
+
+
+def preprocessor(model_dir: str | None, config: LlavaConfig) -> dict:
+    """Resize / crop size and mean / std for the model."""
+    s = config.vision.image_size
+    out = {"shortest_edge": s, "crop": s, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    path = None if model_dir is None else os.path.join(model_dir, "preprocessor_config.json")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            pc = json.load(f)
+        size = pc.get("size", s)
+        out["shortest_edge"] = (
+            size.get("shortest_edge", size.get("height", s)) if isinstance(size, dict) else size
+        )
+        crop = pc.get("crop_size", out["shortest_edge"])
+        out["crop"] = crop.get("height", s) if isinstance(crop, dict) else crop
+        out["mean"] = pc.get("image_mean", out["mean"])
+        out["std"] = pc.get("image_std", out["std"])
+    return out
+
+
+def to_pixel_values(image: np.ndarray, prep: dict) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, crop, crop]."""
+    from PIL import Image
+
+    im = Image.fromarray(np.asarray(image, np.uint8))
+    w, h = im.size
+    short = prep["shortest_edge"]
+    if min(w, h) != short:
+        scale = short / min(w, h)
+        im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    c = prep["crop"]
+    left, top = (w - c) // 2, (h - c) // 2
+    im = im.crop((left, top, left + c, top + c))
+    x = np.asarray(im, np.float32) / 255.0
+    x = (x - np.asarray(prep["mean"], np.float32)) / np.asarray(prep["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_pixels(path: str, model_dir: str | None, config: LlavaConfig) -> np.ndarray:
+    """An image file as the model's pixel values [3, S, S]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such image")
+    return to_pixel_values(load_image(path), preprocessor(model_dir, config))
+
+
+def read_multimodal_jsonl(path: str) -> list[dict]:
+    """Image + text proxy records: one object per line with `image` (path) and `text`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such multimodal proxy file")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            for k in ("image", "text"):
+                if not isinstance(obj.get(k), str):
+                    raise ValueError(f"{path}:{n}: missing string field {k!r}")
+            rows.append(obj)
+    return rows

@@ -1,0 +1,215 @@
+"""Multiple-choice VQA accuracy (ScienceQA-style jsonl or the toy's test split) and proxy perplexity.
+
+Scoring:
+  generate    greedy decoding of the answer: the model's first token after the LLaVA-1.5
+              prompt, decoded; the answer is the letter it starts with (anything else is wrong)
+  likelihood  the option letter with the highest log-probability among the record's options
+
+Accuracy is reported overall and per category (the paper's Table 3 columns at toy scale).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.data import tokenizer as T
+from ellava_jax.data.records import LETTERS, Record, image_path, load_records
+from ellava_jax.model.llava import decode, embed_inputs, lm_head
+
+SCORINGS = ("generate", "likelihood")
+
+
+@partial(jax.jit, static_argnums=0)
+def last_logits(config: LlavaConfig, params, input_ids, pixel_values, attention_mask):
+    """Logits of the next token after each (left-padded) prompt: [B, V]."""
+    embeds = embed_inputs(config, params, input_ids, pixel_values)
+    hidden, _ = decode(config, params, embeds, attention_mask, return_hidden=True)
+    return lm_head(config, params, hidden[:, -1]).astype(jnp.float32)
+
+
+def _pixels(records: list[Record], jsonl_path, model_dir, config) -> np.ndarray:
+    from ellava_jax.data import scenes
+    from ellava_jax.data.images import load_pixels
+
+    out = []
+    for r in records:
+        if r.pixels is not None:
+            out.append(scenes.pixel_values(r.pixels)[0])
+        else:
+            out.append(load_pixels(str(image_path(jsonl_path, r)), model_dir, config))
+    return np.stack(out)
+
+
+def _round_up(n: int, k: int = 16) -> int:
+    return ((n + k - 1) // k) * k
+
+
+def evaluate_records(
+    config: LlavaConfig,
+    params: dict,
+    tok,
+    records: list[Record],
+    *,
+    jsonl_path: str | None = None,
+    model_dir: str | None = None,
+    scoring: str = "generate",
+    batch_size: int = 32,
+    progress: bool = True,
+    logits_fn=None,
+) -> dict:
+    """Accuracy of a model on multiple-choice records.
+
+    Args:
+      tok: the model's tokenizer (transformers or `tokenizers`).
+      records: multiple-choice records (images in memory or as paths relative to jsonl_path).
+      scoring: "generate" or "likelihood" (see the module docstring).
+      logits_fn: replaces `last_logits` (e.g. a FitPrune token-pruned prefill); same signature.
+
+    Returns:
+      {"accuracy", "n", "correct", "per_category": {cat: acc}, "per_category_n", "scoring"}.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring {scoring!r}: expected one of {SCORINGS}")
+    logits_fn = logits_fn or last_logits
+    pad = T.token_id(tok, T.PAD) if T._backend(tok).token_to_id(T.PAD) is not None else 0
+    letters = T.letter_ids(tok)
+    correct = np.zeros(len(records), bool)
+    groups = [
+        [i for i, r in enumerate(records) if r.has_image],
+        [i for i, r in enumerate(records) if not r.has_image],
+    ]
+    bar = tqdm(total=len(records), desc="eval", unit="q", disable=not progress)
+    for group in groups:
+        for s in range(0, len(group), batch_size):
+            idx = group[s : s + batch_size]
+            n = len(idx)
+            chunk = [records[i] for i in idx]
+            chunk_full = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape
+            rows = [T.encode_record(tok, r, config.num_image_tokens)[0] for r in chunk_full]
+            t = _round_up(max(len(r) for r in rows))
+            ids = np.full((batch_size, t), pad, np.int32)
+            mask = np.zeros((batch_size, t), np.int32)
+            for j, r in enumerate(rows):
+                ids[j, t - len(r) :] = r
+                mask[j, t - len(r) :] = 1
+            pix = (
+                jnp.asarray(_pixels(chunk_full, jsonl_path, model_dir, config))
+                if chunk[0].has_image
+                else None
+            )
+            logits = np.asarray(
+                logits_fn(config, params, jnp.asarray(ids), pix, jnp.asarray(mask))
+            )[:n]
+            for j, r in enumerate(chunk):
+                k = len(r.choices)
+                if scoring == "likelihood":
+                    pred = int(np.argmax(logits[j, letters[:k]]))
+                else:
+                    text = T._backend(tok).decode([int(np.argmax(logits[j]))]).strip()
+                    pred = LETTERS.index(text[0]) if text and text[0] in LETTERS[:k] else -1
+                correct[idx[j]] = pred == r.answer
+            bar.update(n)
+    bar.close()
+    per_cat, per_n = defaultdict(int), defaultdict(int)
+    for r, c in zip(records, correct):
+        per_cat[r.category] += int(c)
+        per_n[r.category] += 1
+    return {
+        "accuracy": float(correct.mean()) if len(records) else float("nan"),
+        "n": len(records),
+        "correct": int(correct.sum()),
+        "per_category": {k: per_cat[k] / per_n[k] for k in sorted(per_n)},
+        "per_category_n": dict(sorted(per_n.items())),
+        "scoring": scoring,
+    }
+
+
+@partial(jax.jit, static_argnums=0)
+def _nll(config, params, ids, mask):
+    from ellava_jax.search.fitness import next_token_targets
+
+    embeds = embed_inputs(config, params, ids, None)
+    logits, _ = decode(config, params, embeds, mask)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    labels, lmask = next_token_targets(config, ids, mask)
+    tok = jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    return -(tok * lmask).sum(), lmask.sum()
+
+
+def perplexity(
+    config: LlavaConfig, params: dict, input_ids, attention_mask, batch_size: int = 16
+) -> float:
+    """exp(mean next-token NLL) over the real tokens of text segments."""
+    tot = cnt = 0.0
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    for s in range(0, len(ids), batch_size):
+        a, b = _nll(
+            config,
+            params,
+            jnp.asarray(ids[s : s + batch_size]),
+            jnp.asarray(mask[s : s + batch_size]),
+        )
+        tot, cnt = tot + float(a), cnt + float(b)
+    return math.exp(tot / max(cnt, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy's defaults
+
+
+def toy_test_records(limit: int | None = None) -> list[Record]:
+    """The toy's held-out test split (records with their images in memory)."""
+    from ellava_jax.data.questions import generate_split
+
+    recs = [r for r, _ in generate_split("test")]
+    return recs if limit is None else recs[:limit]
+
+
+def toy_proxy_perplexity(config, params, tok, n: int = 32, seq_len: int = 64) -> float:
+    from ellava_jax.data.proxy import proxy_text_segments
+    from ellava_jax.data.segments import segments_from_ids
+
+    text = " ".join(proxy_text_segments(n * 4, seed=12345))
+    ids = np.asarray(T.encode_text(tok, text, add_bos=False))
+    seg = segments_from_ids(ids, n, seq_len, seed=0)
+    return perplexity(config, params, seg, np.ones_like(seg))
+
+
+def load_eval_records(
+    data: str | None, limit: int | None = None
+) -> tuple[list[Record], str | None]:
+    """(records, jsonl path): a jsonl file, or the toy's test split when data is None / 'toy'."""
+    if data in (None, "toy", "toy-test"):
+        return toy_test_records(limit), None
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"{data}: no such evaluation file")
+    recs = load_records(data)
+    return (recs if limit is None else recs[:limit]), data
+
+
+def default_evaluator(settings):
+    """An `evaluate(config, params) -> result` for the search's model, or None if it has no data.
+
+    The toy is evaluated on its test split; a user model on `settings.eval_data`.
+    """
+    from ellava_jax.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(settings.model)
+    if model_dir is None or (settings.eval_data is None and settings.model != "toy"):
+        return None
+    tok = T.load_tokenizer(model_dir)
+    records, path = load_eval_records(settings.eval_data, settings.eval_limit)
+
+    def evaluate(config, params):
+        return evaluate_records(config, params, tok, records, jsonl_path=path, model_dir=model_dir)
+
+    return evaluate
