@@ -230,6 +230,27 @@ def test_generate_on_reduced_cache_matches_reference(tiny_model):
     np.testing.assert_array_equal(greedy[live], new[live])
 
 
+def test_last_logits_for_the_eval_harness(tiny_model, tmp_path):
+    from ellava_jax.eval.harness import last_logits
+    from ellava_jax.tokens import load_recipe, recipe_last_logits
+
+    config, params = tiny_model
+    ids, mask, pix = _batch(config)
+    args = (jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
+    keep_all(config).save(tmp_path / "all.json")
+    fn = recipe_last_logits(load_recipe(tmp_path / "all.json", config))
+    np.testing.assert_allclose(
+        np.asarray(fn(config, params, *args)),
+        np.asarray(last_logits(config, params, *args)),
+        atol=1e-6,
+    )
+    keep = (8, 3)
+    full = np.asarray(forward_with_recipe(config, params, ids, pix, mask, keep))
+    np.testing.assert_allclose(
+        np.asarray(recipe_last_logits(keep)(config, params, *args)), full[:, -1], atol=1e-6
+    )
+
+
 def test_jit_with_static_widths(tiny_model):
     config, params = tiny_model
     ids, mask, pix = _batch(config)

@@ -1,6 +1,12 @@
 """FitPrune visual-token pruning: recipe fitting (`recipe`) and application (`apply`)."""
 
-from ellava_jax.tokens.apply import forward_with_recipe, generate_with_recipe, layer_widths
+from ellava_jax.tokens.apply import (
+    forward_with_recipe,
+    generate_with_recipe,
+    last_logits_with_recipe,
+    layer_widths,
+    recipe_last_logits,
+)
 from ellava_jax.tokens.recipe import (
     Calibration,
     Recipe,
@@ -8,6 +14,7 @@ from ellava_jax.tokens.recipe import (
     calibration_for,
     fit_recipe,
     keep_all,
+    load_recipe,
     model_signature,
 )
 
@@ -20,6 +27,9 @@ __all__ = [
     "forward_with_recipe",
     "generate_with_recipe",
     "keep_all",
+    "last_logits_with_recipe",
     "layer_widths",
+    "load_recipe",
     "model_signature",
+    "recipe_last_logits",
 ]

@@ -344,6 +344,42 @@ def forward_with_recipe(
     return (logits, kept) if return_kept else logits
 
 
+@partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _last_core(config, params, embeds, input_ids, attention_mask, keep, widths, score):
+    h, _, _, _ = prefill_layers(
+        config, params, embeds, input_ids, attention_mask, keep, widths, score
+    )
+    h = _final_norm(config, params, h[:, -1])
+    return lm_head(config, params, h).astype(jnp.float32)
+
+
+def last_logits_with_recipe(
+    config: LlavaConfig, params: dict, input_ids, pixel_values, attention_mask, recipe
+):
+    """Next-token logits after each (left-padded) prompt, FitPrune prefill: [B, V] float32.
+
+    The pruned counterpart of `ellava_jax.eval.harness.last_logits` (only the last position
+    goes through the head).
+    """
+    keep, score, widths, input_ids, attention_mask = _prepare(
+        config, input_ids, pixel_values, attention_mask, recipe, None, None
+    )
+    embeds = _embed(config, params, input_ids, pixel_values)
+    return _last_core(config, params, embeds, input_ids, attention_mask, keep, widths, score)
+
+
+def recipe_last_logits(recipe):
+    """`f(config, params, input_ids, pixel_values, attention_mask) -> [B, V]` for a recipe:
+    what the evaluation harness takes as `logits_fn`."""
+
+    def logits_fn(config, params, input_ids, pixel_values, attention_mask):
+        return last_logits_with_recipe(
+            config, params, input_ids, pixel_values, attention_mask, recipe
+        )
+
+    return logits_fn
+
+
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widths, score, max_new):
     cfg = config.text

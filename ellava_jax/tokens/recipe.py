@@ -144,6 +144,11 @@ class Recipe:
         return recipe
 
 
+def load_recipe(path: str | os.PathLike, config: LlavaConfig | None = None) -> Recipe:
+    """`Recipe.load`: reads a recipe JSON, checked against `config` when given."""
+    return Recipe.load(path, config)
+
+
 def keep_all(config: LlavaConfig) -> Recipe:
     """The recipe that drops nothing."""
     n = config.num_image_tokens
