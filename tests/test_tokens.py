@@ -464,3 +464,38 @@ def test_token_prune_command(tmp_path, capsys):
     assert Recipe.load(out).keep == tuple(summary["keep"])
     rc = main(["token-prune", "--model", "tiny", "--flops-reduction", "1.5", "--out", str(out)])
     assert rc == 2
+
+
+def test_calibration_sources(tmp_path):
+    """Toy proxy samples (image + description turns) and a user jsonl of image + text rows."""
+    from ellava_jax.data import scenes
+    from ellava_jax.data import tokenizer as T
+    from ellava_jax.data.records import save_image
+    from ellava_jax.tokens.recipe import calibration_for
+
+    tok = T.build_toy_tokenizer()
+    T.save_tokenizer(tok, tmp_path)
+    config = tiny_config(
+        text_vocab_size=tok.get_vocab_size(),
+        image_token_index=T.token_id(tok, T.IMAGE),
+        text_pad_token_id=T.token_id(tok, T.PAD),
+        vision_image_size=scenes.IMAGE_SIZE,
+        vision_patch_size=scenes.PATCH_SIZE,
+    )
+    n = config.num_image_tokens
+    cal = calibration_for(config, str(tmp_path), 4)
+    assert cal.input_ids.shape[0] == 4 and cal.pixel_values.shape == (4, 3, 32, 32)
+    assert np.all(
+        ((cal.input_ids == config.image_token_index) & (cal.attention_mask > 0)).sum(1) == n
+    )
+    rows = []
+    for i in range(3):
+        save_image(tmp_path / f"im{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
+        rows.append(json.dumps({"image": f"im{i}.png", "text": "Describe the picture."}))
+    (tmp_path / "cal.jsonl").write_text("\n".join(rows) + "\n")
+    cal = calibration_for(config, str(tmp_path), 8, path=str(tmp_path / "cal.jsonl"))
+    assert cal.input_ids.shape[0] == 3 and cal.pixel_values.shape == (3, 3, 32, 32)
+    assert np.all((cal.input_ids == config.image_token_index).sum(1) == n)
+    other = tiny_config(vision_image_size=64)
+    with pytest.raises(ValueError, match="calibration file"):
+        calibration_for(other, str(tmp_path), 4)

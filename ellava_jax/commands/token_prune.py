@@ -42,6 +42,12 @@ def add_arguments(p):
         help="text tokens of the reference prompt the budget is computed for "
         "(default: the calibration samples' mean)",
     )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="jsonl of image + text rows ('image': path relative to the file, 'text': the "
+        "instruction) to fit on; default: random prompts for tiny, the toy's proxy samples",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
     p.add_argument("--batch-size", type=int, default=8, help="calibration rows per batch")
     p.add_argument("--out", required=True, help="where to write the recipe (JSON)")
@@ -57,7 +63,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     config, params, path = load_model(args.model)
     t_load = time.perf_counter() - t0
-    cal = calibration_for(args.model, config, path, args.samples, args.seed)
+    cal = calibration_for(config, path, args.samples, args.seed, args.calibration)
     recipe = fit_recipe(
         config,
         params,

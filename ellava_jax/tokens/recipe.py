@@ -453,14 +453,55 @@ def proxy_calibration(config: LlavaConfig, model_dir: str, n: int = 32, seed: in
     return Calibration(ids, mask, np.asarray(pix, np.float32))
 
 
-def calibration_for(spec: str, config: LlavaConfig, model_dir: str | None, n: int, seed: int = 0):
-    """The calibration batch for `--model SPEC`: random prompts for `tiny`, proxy samples else."""
+def file_calibration(config: LlavaConfig, model_dir: str, path: str, n: int = 32) -> Calibration:
+    """n image + text rows of a jsonl file (`image`: path relative to the file, `text`), as
+    LLaVA-1.5 prompts `USER: <image>\n{text} ASSISTANT:` in the model's own tokenizer."""
+    from ellava_jax.data import tokenizer
+    from ellava_jax.data.images import load_pixels, read_multimodal_jsonl
+
+    rows = read_multimodal_jsonl(path)[:n]
+    if not rows:
+        raise ValueError(f"{path}: no calibration rows")
+    tok = tokenizer.load_tokenizer(model_dir)
+    base = os.path.dirname(os.path.abspath(path))
+    ids = []
+    for i, r in enumerate(rows):
+        prompt = tokenizer.expand_image_tokens(
+            f"USER: {tokenizer.IMAGE}\n{r['text']} ASSISTANT:", config.num_image_tokens
+        )
+        row = tokenizer.encode_text(tok, prompt)
+        if sum(t == config.image_token_index for t in row) != config.num_image_tokens:
+            raise ValueError(
+                f"{path}:{i + 1}: the tokenizer of {model_dir} does not map "
+                f"{tokenizer.IMAGE!r} to image_token_index={config.image_token_index}"
+            )
+        ids.append(row)
+    pad = config.text.pad_token_id or 0
+    input_ids, mask = pad_left(ids, pad)
+    pix = np.stack([load_pixels(os.path.join(base, r["image"]), model_dir, config) for r in rows])
+    return Calibration(input_ids, mask, pix.astype(np.float32))
+
+
+def calibration_for(
+    config: LlavaConfig, model_dir: str | None, n: int, seed: int = 0, path: str | None = None
+) -> Calibration:
+    """The calibration batch for a model (never an evaluation split).
+
+    `path` (a jsonl of image + text rows) when given; else random prompts for `tiny` (no
+    directory), and the toy task's multimodal proxy samples for the toy (or a model of the
+    toy's image size); any other model needs `path`.
+    """
+    if path is not None:
+        if model_dir is None:
+            raise ValueError("a calibration file needs a model directory with a tokenizer")
+        return file_calibration(config, model_dir, path, n)
     if model_dir is None:
         return random_calibration(config, n, seed)
-    try:
-        return proxy_calibration(config, model_dir, n, seed)
-    except (ImportError, AttributeError, FileNotFoundError) as e:
+    from ellava_jax.data import scenes
+
+    if config.vision.image_size != scenes.IMAGE_SIZE:
         raise ValueError(
-            f"{model_dir}: cannot build multimodal proxy samples for this model ({e}); "
-            "FitPrune needs prompts with images"
-        ) from e
+            f"{model_dir}: pass a calibration file (jsonl rows with 'image' and 'text') for "
+            "this model; the built-in proxy samples are the toy task's"
+        )
+    return proxy_calibration(config, model_dir, n, seed)
