@@ -190,6 +190,13 @@ def test_first_layer_keeps_the_tokens_text_attends_to_most(tiny_model):
     keep = (5,) * config.text.num_hidden_layers
     _, kept = forward_with_recipe(config, params, ids, pix, mask, keep, return_kept=True)
     assert set(np.nonzero(np.asarray(kept)[0] & vis)[0]) == top
+    # FitPrune's inference ranking: that times the mean attention from the image's own tokens.
+    score = score * pm[vis].mean(axis=0)
+    top = set(np.nonzero(vis)[0][np.argsort(-score[vis])[:5]])
+    _, kept = forward_with_recipe(
+        config, params, ids, pix, mask, keep, score="text_x_visual", return_kept=True
+    )
+    assert set(np.nonzero(np.asarray(kept)[0] & vis)[0]) == top
 
 
 def test_attention_matches_the_model_module(tiny_model):
