@@ -506,3 +506,31 @@ def test_calibration_sources(tmp_path):
     other = tiny_config(vision_image_size=64)
     with pytest.raises(ValueError, match="calibration file"):
         calibration_for(other, str(tmp_path), 4)
+
+
+def test_llava_7b_pruned_prefill_shapes():
+    """The pruned prefill at LLaVA-1.5-7B sizes, traced with jax.eval_shape (nothing allocated)."""
+    from ellava_jax.config import get_preset
+    from ellava_jax.model import param_shapes
+
+    config = get_preset("llava-1.5-7b")
+    shapes = param_shapes(config, jnp.bfloat16)
+    ids = np.array([[1] * 5 + [config.image_token_index] * 576 + [5] * 40])
+    mask = np.ones_like(ids)
+    keep = (576, 576, 400, 300) + (200,) * 12 + (100,) * 16
+    widths = layer_widths(config, keep, ids, mask)
+    assert widths[-1] == 45 + 100
+
+    def prefill(p, e):
+        h, _, caches, _ = prefill_layers(
+            config, p, e, jnp.asarray(ids), jnp.asarray(mask), keep, widths, extra=8
+        )
+        return h, caches
+
+    emb = jax.ShapeDtypeStruct((1, ids.shape[1], 4096), jnp.bfloat16)
+    h, caches = jax.eval_shape(prefill, shapes, emb)
+    assert h.shape == (1, 145, 4096)
+    # Layer l's cache holds the tokens that entered it, plus room for the new ones.
+    lengths = [c["k"].shape[1] for c in caches]
+    assert lengths[:5] == [621 + 8, 621 + 8, 621 + 8, 445 + 8, 345 + 8]
+    assert lengths[-1] == 145 + 8
