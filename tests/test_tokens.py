@@ -264,6 +264,9 @@ def test_jit_with_static_widths(tiny_model):
     keep = (12, 3)
     widths = layer_widths(config, keep, ids, mask)
     assert widths[-1] < ids.shape[1]
+    padded = layer_widths(config, keep, ids, mask, pad_to=8)
+    assert all(p % 8 == 0 or p == ids.shape[1] for p in padded)
+    assert all(w <= p for w, p in zip(widths, padded))
     f = jax.jit(lambda p, i, x, m: forward_with_recipe(config, p, i, x, m, keep, widths=widths))
     np.testing.assert_allclose(
         np.asarray(f(params, jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))),

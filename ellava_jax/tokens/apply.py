@@ -84,18 +84,20 @@ def image_layout(config: LlavaConfig, input_ids, attention_mask) -> tuple[np.nda
 
 
 def layer_widths(
-    config: LlavaConfig, keep: Sequence[int], input_ids, attention_mask
+    config: LlavaConfig, keep: Sequence[int], input_ids, attention_mask, pad_to: int = 1
 ) -> tuple[int, ...]:
     """Static width of the batch after each layer: the longest row once it has dropped its tokens.
 
     A layer that drops nothing keeps the width it was given (so a keep-all recipe runs on
-    exactly the arrays the normal forward uses).
+    exactly the arrays the normal forward uses). `pad_to` rounds widths up to a multiple, so
+    that batches of slightly different lengths share one compilation.
     """
     images, text = image_layout(config, input_ids, attention_mask)
     width, prev, out = np.asarray(input_ids).shape[1], config.num_image_tokens, []
     for k in keep:
         if k < prev:
-            width = min(width, int(np.max(text + images * k)))
+            longest = int(np.max(text + images * k))
+            width = min(width, -(-longest // pad_to) * pad_to)
         out.append(width)
         prev = k
     return tuple(out)
@@ -288,7 +290,7 @@ def _forward_core(config, params, embeds, input_ids, attention_mask, keep, width
     return jnp.where(dropped[..., None], jnp.zeros((), full.dtype), full), kept
 
 
-def _prepare(config, input_ids, pixel_values, attention_mask, recipe, score, widths):
+def _prepare(config, input_ids, pixel_values, attention_mask, recipe, score, widths, pad_to=1):
     keep = _keep_tuple(config, recipe)
     score = _score_kind(recipe, score)
     traced = isinstance(input_ids, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer)
@@ -299,7 +301,7 @@ def _prepare(config, input_ids, pixel_values, attention_mask, recipe, score, wid
             check_image_tokens(config, input_ids, pixel_values.shape[0])
         _check_last_token(config, input_ids, keep)
         if widths is None:
-            widths = layer_widths(config, keep, input_ids, attention_mask)
+            widths = layer_widths(config, keep, input_ids, attention_mask, pad_to)
         input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
     elif widths is None:  # traced inputs: no width is known, keep the full one (correct, no saving)
         widths = (jnp.shape(input_ids)[1],) * len(keep)
@@ -354,15 +356,22 @@ def _last_core(config, params, embeds, input_ids, attention_mask, keep, widths, 
 
 
 def last_logits_with_recipe(
-    config: LlavaConfig, params: dict, input_ids, pixel_values, attention_mask, recipe
+    config: LlavaConfig,
+    params: dict,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    recipe,
+    *,
+    pad_to: int = 8,
 ):
     """Next-token logits after each (left-padded) prompt, FitPrune prefill: [B, V] float32.
 
     The pruned counterpart of `ellava_jax.eval.harness.last_logits` (only the last position
-    goes through the head).
+    goes through the head). Widths are rounded up to `pad_to` to share compilations.
     """
     keep, score, widths, input_ids, attention_mask = _prepare(
-        config, input_ids, pixel_values, attention_mask, recipe, None, None
+        config, input_ids, pixel_values, attention_mask, recipe, None, None, pad_to
     )
     embeds = _embed(config, params, input_ids, pixel_values)
     return _last_core(config, params, embeds, input_ids, attention_mask, keep, widths, score)
