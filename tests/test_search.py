@@ -186,6 +186,7 @@ def test_search_command_end_to_end_on_tiny(tmp_path, capsys):
     }
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 3 and all(len(r["c_m"]) == 6 for r in rounds)
+    assert (out / "fitness.png").stat().st_size > 1000 and (out / "policy.png").exists()
     from convert.hf import load_hf_llava
 
     cfg, pruned = load_hf_llava(out / "model")

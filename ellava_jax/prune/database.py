@@ -2,7 +2,8 @@
 
 A search candidate is then assembled by lookup: its kernel for (layer, matrix) is
 `kernels[(layer, matrix)][level]`. No candidate ever re-runs OBS; building the database takes
-levels x matrices pruner calls (a level of 0 stores the dense kernel without a call).
+levels x matrices OBS prunings (a level of 0 stores the dense kernel without one); the levels
+of one matrix run as one vmapped call, sharing the factorisation of its Hessian.
 
 Storage follows size: on the accelerator (default, the toy and anything that fits), or on host
 memory (`where="host"`), from where the fitness streams one layer at a time.
@@ -46,6 +47,14 @@ class LevelDatabase:
         return np.stack([self.log_norm_ratio[k] for k in order])
 
 
+@jax.jit
+def _prune_levels(kernel, hessian, sparsities):
+    """SparseGPT at several sparsities, vmapped: [K] -> [K, in, out] (one OBS per level)."""
+    from ellava_jax.prune.obs import sparsegpt
+
+    return jax.vmap(lambda s: sparsegpt(kernel, hessian, s)[0])(sparsities)
+
+
 def build_database(
     config: LlavaConfig,
     params: dict,
@@ -62,8 +71,6 @@ def build_database(
       levels: the grid of sparsities (e.g. `PolicySpace.levels`).
       where: "device" keeps the stacks as device arrays, "host" as numpy arrays.
     """
-    from ellava_jax.prune.obs import sparsegpt
-
     if where not in ("device", "host"):
         raise ValueError(f"database storage {where!r}: expected 'device' or 'host'")
     levels = np.asarray(levels, np.float64)
@@ -72,25 +79,21 @@ def build_database(
     t_start = time.perf_counter()
     per_layer = []
 
+    pruned_levels = [float(x) for x in levels if x > 0]
+
     def on_layer(i, lp, hess):
         nonlocal calls
         t0 = time.perf_counter()
         for m in MATRICES:
             w = get_path(lp, kernel_path(i, m)[3:])
             dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
-            stack = []
-            for s in levels:
-                if s <= 0:
-                    pw = w
-                else:
-                    pw, _ = sparsegpt(w, hess[MATRIX_GROUP[m]], float(s))
-                    calls += 1
-                stack.append(pw)
-            stack = jnp.stack(stack)
-            ratios = (
-                jnp.linalg.norm(stack.astype(jnp.float32).reshape(len(levels), -1), axis=1)
-                / dense_norm
-            )
+            # every level of one matrix in one call: the Hessian's factorisation is shared
+            sp = jnp.asarray(pruned_levels, jnp.float32)
+            pruned = iter(_prune_levels(w, hess[MATRIX_GROUP[m]], sp))
+            calls += len(pruned_levels)
+            stack = jnp.stack([w if s <= 0 else next(pruned) for s in levels])
+            flat = stack.astype(jnp.float32).reshape(len(levels), -1)
+            ratios = jnp.linalg.norm(flat, axis=1) / dense_norm
             norms[(i, m)] = np.log(np.maximum(np.asarray(ratios, np.float64), 1e-30))
             kernels[(i, m)] = stack if where == "device" else np.asarray(stack)
         per_layer.append(time.perf_counter() - t0)

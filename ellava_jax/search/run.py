@@ -9,6 +9,8 @@ Outputs in the run directory:
   checkpoint/      the searched model's params (orbax); checkpoints/ the per-round state
   projector/       the evolved projector (orbax)
   masks.npz        the searched model's masks
+  fitness.png      best and mean fitness per round; policy.png the per-layer sparsities;
+  accuracy.png     accuracy by category of dense / uniform / searched (when evaluated)
 """
 
 from __future__ import annotations
@@ -282,4 +284,24 @@ def run_search(
     }
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
+    _plots(out_dir, result, res, settings)
     return result
+
+
+def _plots(out_dir: str, result: dict, res, settings) -> None:
+    """fitness.png, policy.png and accuracy.png beside result.json."""
+    from ellava_jax.report import plots
+
+    if res is not None and res.rounds:
+        plots.fitness_over_rounds(
+            [dataclasses.asdict(r) for r in res.rounds],
+            os.path.join(out_dir, "fitness.png"),
+            title=f"search at p0 = {settings.p0:g}",
+        )
+    plots.policy_bars(result["policy"], settings.p0, os.path.join(out_dir, "policy.png"))
+    if result["accuracy"]:
+        plots.accuracy_by_category(
+            result["accuracy"],
+            os.path.join(out_dir, "accuracy.png"),
+            title=f"toy test split, p0 = {settings.p0:g}",
+        )

@@ -1,1 +1,35 @@
-"""FitPrune visual-token pruning: recipe fitting and application."""
+"""FitPrune visual-token pruning: recipe fitting (`recipe`) and application (`apply`)."""
+
+from ellava_jax.tokens.apply import (
+    forward_with_recipe,
+    generate_with_recipe,
+    last_logits_with_recipe,
+    layer_widths,
+    recipe_last_logits,
+)
+from ellava_jax.tokens.recipe import (
+    Calibration,
+    Recipe,
+    RecipeMismatchError,
+    calibration_for,
+    fit_recipe,
+    keep_all,
+    load_recipe,
+    model_signature,
+)
+
+__all__ = [
+    "Calibration",
+    "Recipe",
+    "RecipeMismatchError",
+    "calibration_for",
+    "fit_recipe",
+    "forward_with_recipe",
+    "generate_with_recipe",
+    "keep_all",
+    "last_logits_with_recipe",
+    "layer_widths",
+    "load_recipe",
+    "model_signature",
+    "recipe_last_logits",
+]

@@ -1,0 +1,97 @@
+"""`ellava token-prune`: fit a FitPrune visual-token recipe for a prefill FLOPs budget."""
+
+from __future__ import annotations
+
+import json
+import time
+
+NAME = "token-prune"
+HELP = (
+    "Fit a FitPrune recipe (visual tokens kept per decoder layer) that cuts the decoder's "
+    "prefill FLOPs by --flops-reduction, from attention statistics of a small calibration batch."
+)
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="tiny", help="toy | tiny | path to an HF LLaVA directory")
+    p.add_argument(
+        "--flops-reduction",
+        type=float,
+        default=0.5,
+        help="share of the decoder's prefill FLOPs to remove, in [0, 1) (default 0.5)",
+    )
+    p.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    p.add_argument(
+        "--score",
+        default="text",
+        choices=["text", "text_x_visual"],
+        help="how tokens are ranked at inference: attention from text tokens (default), or "
+        "that times the attention from the image's own visual tokens",
+    )
+    p.add_argument(
+        "--flops-scope",
+        default="prompt",
+        choices=["prompt", "visual"],
+        help="what the reduction is of: the decoder's whole prefill of the reference prompt "
+        "(default), or the FLOPs of its visual tokens alone (FitPrune's accounting)",
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="text tokens of the reference prompt the budget is computed for "
+        "(default: the calibration samples' mean)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="jsonl of image + text rows ('image': path relative to the file, 'text': the "
+        "instruction) to fit on; default: random prompts for tiny, the toy's proxy samples",
+    )
+    p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration rows per batch")
+    p.add_argument("--out", required=True, help="where to write the recipe (JSON)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def run(args) -> int:
+    from ellava_jax.models import load_model
+    from ellava_jax.tokens.recipe import calibration_for, fit_recipe
+
+    if args.samples < 1:
+        raise ValueError(f"--samples={args.samples} must be at least 1")
+    t0 = time.perf_counter()
+    config, params, path = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    cal = calibration_for(config, path, args.samples, args.seed, args.calibration)
+    recipe = fit_recipe(
+        config,
+        params,
+        cal,
+        args.flops_reduction,
+        score=args.score,
+        flops_scope=args.flops_scope,
+        text_tokens=args.text_tokens,
+        batch_size=args.batch_size,
+    )
+    recipe.save(args.out)
+    summary = {
+        "model": path or args.model,
+        "out": args.out,
+        "flops_reduction": round(recipe.flops_reduction, 4),
+        "target_reduction": recipe.target_reduction,
+        "alpha": recipe.alpha,
+        "keep": list(recipe.keep),
+        "visual_tokens": config.num_image_tokens,
+        "flops_scope": recipe.flops_scope,
+        "reference_prompt": {"text_tokens": recipe.text_tokens, "images": recipe.images},
+        "samples": recipe.samples,
+        "recipe_seconds": round(recipe.seconds, 3),
+        "load_s": round(t_load, 3),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>18}: {v}")
+    return 0

@@ -1,0 +1,507 @@
+"""FitPrune recipe: how many visual tokens each decoder layer keeps, fitted to a FLOPs budget.
+
+The method (Ye et al., "Fit and Prune", 2024), in our reading:
+
+1. Dense statistics. On a small calibration batch, for each layer l and each image, every visual
+   token v gets two scores from that layer's attention (max over heads):
+     cross_l(v) = attention v receives from the prompt's text tokens (summed over them);
+     self_l(v)  = attention v receives from its image's visual tokens (mean over them).
+   Their sums over the image, C_l and S_l, are the attention mass the image receives.
+2. Fit for a tolerance alpha. The pruned model is simulated layer by layer (a dropped token is
+   masked out as a key from the next layer on, which is exactly its removal). At layer l, each
+   image drops the tokens that are lowest under *both* scores: the longest run of lowest-cross
+   tokens whose removal keeps at least (1 - alpha) C_l of the dense mass, intersected with the
+   same for self (as FitPrune does); at least one token per image stays. Averaged over the
+   calibration images, this is the layer's drop count.
+3. Budget. Walking the layers, dropping stops at the first layer where the prefill with no
+   further drop already meets the FLOPs budget. A binary search finds the smallest alpha whose
+   recipe meets the budget; keep[l] = tokens per image still present after layer l (so it never
+   grows over layers).
+
+FLOPs are the decoder's prefill FLOPs (`ellava_jax.eval.flops`), text and visual tokens
+together, for a reference prompt of the calibration batch's mean text length and image count
+(or a given text length). FitPrune's own accounting counts the visual tokens alone
+(`flops_scope='visual'`), which is close for LLaVA-1.5 (576 visual tokens, ~60 text) but
+not for a model whose prompts hold as much text as image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.eval.flops import decoder_prefill_flops, total_flops
+from ellava_jax.model.llama import (
+    LlamaDecoderLayer,
+    attention_mask_4d,
+    positions_from_mask,
+    rope_cos_sin,
+)
+from ellava_jax.model.llava import check_image_tokens, embed_inputs
+from ellava_jax.tokens.apply import SCORES, image_layout, rank_in_image
+
+FORMAT = "ellava-jax/fitprune-recipe/1"
+
+
+class RecipeMismatchError(ValueError):
+    """A recipe fitted for another model (different sizes) than the one it is applied to."""
+
+
+def model_signature(config: LlavaConfig) -> dict:
+    """The sizes a recipe depends on: its layer count, token count and FLOPs model."""
+    t = config.text
+    return {
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_image_tokens": config.num_image_tokens,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "image_token_index": config.image_token_index,
+    }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Visual tokens kept per image after each decoder layer, and what it was fitted for."""
+
+    keep: tuple[int, ...]
+    model: dict = field(default_factory=dict)  # model_signature of the fitted model
+    target_reduction: float = 0.0  # the prefill FLOPs reduction asked for
+    flops_reduction: float = 0.0  # the one the recipe reaches on the reference prompt
+    alpha: float = 0.0  # the tolerance found by the search
+    text_tokens: int = 0  # reference prompt: text tokens ...
+    images: int = 1  # ... and images
+    flops_scope: str = "prompt"  # 'prompt': all its tokens; 'visual': its visual tokens only
+    samples: int = 0  # calibration samples
+    score: str = "text"  # how apply ranks tokens (see apply.visual_scores)
+    seconds: float = 0.0  # fitting time
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
+        if self.score not in SCORES:
+            raise ValueError(f"recipe score {self.score!r} is not one of {SCORES}")
+        if any(b > a for a, b in zip(self.keep, self.keep[1:])):
+            raise ValueError(f"recipe keep counts must not grow over layers: {list(self.keep)}")
+
+    def check(self, config: LlavaConfig) -> None:
+        """Raises RecipeMismatchError when the recipe was fitted for a model of other sizes."""
+        sig = model_signature(config)
+        diff = {k: (self.model.get(k), v) for k, v in sig.items() if self.model.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: recipe {a} vs model {b}" for k, (a, b) in diff.items())
+            raise RecipeMismatchError(f"token recipe was fitted for another model ({detail})")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep"] = list(self.keep)
+        return {"format": FORMAT, **d}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "recipe") -> Recipe:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a FitPrune recipe (format {d.get('format')!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields - {"format"})
+        if unknown:
+            raise ValueError(f"{where}: unknown recipe field(s) {unknown}")
+        if "keep" not in d or "model" not in d:
+            raise ValueError(f"{where}: a recipe needs 'keep' and 'model'")
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: LlavaConfig | None = None) -> Recipe:
+        """Reads a recipe; with `config`, also checks that it was fitted for that model."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such recipe file")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        recipe = cls.from_json(d, path)
+        if config is not None:
+            try:
+                recipe.check(config)
+            except RecipeMismatchError as e:
+                raise RecipeMismatchError(f"{path}: {e}") from None
+        return recipe
+
+
+def load_recipe(path: str | os.PathLike, config: LlavaConfig | None = None) -> Recipe:
+    """`Recipe.load`: reads a recipe JSON, checked against `config` when given."""
+    return Recipe.load(path, config)
+
+
+def keep_all(config: LlavaConfig) -> Recipe:
+    """The recipe that drops nothing."""
+    n = config.num_image_tokens
+    return Recipe((n,) * config.text.num_hidden_layers, model_signature(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention statistics and the simulated pruned prefill
+
+
+def _layer_scores(probs, valid, vis, img, alive):
+    """cross (from text queries) and self (mean from alive same-image visual queries), [B, T]."""
+    pm = jnp.max(probs.astype(jnp.float32), axis=(1, 2))  # max over heads: [B, Tq, Tk]
+    text_q = (valid & ~vis).astype(jnp.float32)
+    cross = jnp.sum(pm * text_q[:, :, None], axis=1)
+    same = (img[:, :, None] == img[:, None, :]) & (vis & alive)[:, :, None]
+    n_q = jnp.maximum(jnp.sum(same, axis=1), 1)
+    self_ = jnp.sum(jnp.where(same, pm, 0.0), axis=1) / n_q
+    return cross, self_
+
+
+def _image_sum(x, img, mask, n_groups: int):
+    """Per-image sums [B, G] of x [B, T] over the tokens in mask."""
+    onehot = (img[:, :, None] == jnp.arange(n_groups)) & mask[:, :, None]
+    return jnp.sum(jnp.where(onehot, x[:, :, None], 0.0), axis=1)
+
+
+def _drop_set(score, allowed, vis_alive, img, n_alive):
+    """Tokens of the longest lowest-score run per image whose total is <= the allowed loss."""
+    asc = rank_in_image(score, vis_alive, img, descending=False)  # 0 = lowest
+    same = (img[:, :, None] == img[:, None, :]) & vis_alive[:, None, :]
+    prefix = jnp.sum(
+        jnp.where(same & (asc[:, None, :] <= asc[:, :, None]), score[:, None, :], 0.0), 2
+    )
+    g = jnp.maximum(img, 0)
+    my_allowed = jnp.take_along_axis(allowed, g, axis=1)
+    my_alive = jnp.take_along_axis(n_alive, g, axis=1)
+    return vis_alive & (prefix <= my_allowed) & (asc < my_alive - 1)
+
+
+@partial(jax.jit, static_argnums=(0, 6))
+def _simulate(config, params, embeds, attention_mask, input_ids, alpha, n_groups, dense):
+    """Pruned prefill on the calibration batch for tolerance alpha.
+
+    Returns per-layer drops [L, B, G] (tokens each image drops at that layer) and the dense
+    masses (C, S) [L, B, G] when `dense` is None (then nothing is dropped).
+    """
+    cfg = config.text
+    n = config.num_image_tokens
+    valid = attention_mask.astype(bool)
+    vis = (input_ids == config.image_token_index) & valid
+    img = jnp.where(vis, (jnp.cumsum(vis, axis=1) - 1) // n, -1)
+    pos = positions_from_mask(attention_mask)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, embeds.dtype)
+    alive = valid
+    h = embeds
+    drops, masses = [], []
+    for i in range(cfg.num_hidden_layers):
+        mask = attention_mask_4d(alive, h.shape[1], 0)
+        h_new, state = LlamaDecoderLayer(cfg).apply(
+            {"params": params["language_model"]["layers"][str(i)]},
+            h,
+            cos,
+            sin,
+            mask,
+            mutable=["intermediates"],
+        )
+        h = h_new[0]
+        probs = state["intermediates"]["self_attn"]["attn_probs"][0]
+        cross, self_ = _layer_scores(probs, valid, vis, img, alive)
+        va = vis & alive
+        c_now = _image_sum(cross, img, va, n_groups)
+        s_now = _image_sum(self_, img, va, n_groups)
+        if dense is None:
+            masses.append((c_now, s_now))
+            drops.append(jnp.zeros_like(c_now, dtype=jnp.int32))
+            continue
+        c_dense, s_dense = dense[0][i], dense[1][i]
+        n_alive = _image_sum(va.astype(jnp.float32), img, va, n_groups).astype(jnp.int32)
+        drop_c = _drop_set(cross, c_now - (1 - alpha) * c_dense, va, img, n_alive)
+        drop_s = _drop_set(self_, s_now - (1 - alpha) * s_dense, va, img, n_alive)
+        drop = drop_c & drop_s
+        drops.append(_image_sum(drop.astype(jnp.float32), img, drop, n_groups).astype(jnp.int32))
+        alive = alive & ~drop
+    drops = jnp.stack(drops)
+    if dense is None:
+        return drops, (jnp.stack([m[0] for m in masses]), jnp.stack([m[1] for m in masses]))
+    return drops, None
+
+
+@dataclass
+class Calibration:
+    """A calibration batch (concrete arrays) and its image layout."""
+
+    input_ids: np.ndarray  # [B, T]
+    attention_mask: np.ndarray  # [B, T]
+    pixel_values: np.ndarray  # [B_img, C, S, S]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _chunks(cal: Calibration, config: LlavaConfig, batch_size: int):
+    """Yields (input_ids, attention_mask, pixel_values, n_images per row) of at most batch_size rows."""
+    images, _ = image_layout(config, cal.input_ids, cal.attention_mask)
+    first = np.concatenate([[0], np.cumsum(images)])
+    for s in range(0, len(cal), batch_size):
+        e = min(s + batch_size, len(cal))
+        yield (
+            cal.input_ids[s:e],
+            cal.attention_mask[s:e],
+            cal.pixel_values[first[s] : first[e]],
+            images[s:e],
+        )
+
+
+class _Simulator:
+    """Holds the calibration embeddings and dense masses; runs the simulation for any alpha."""
+
+    def __init__(self, config, params, cal: Calibration, batch_size: int):
+        self.config, self.params = config, params
+        self.parts = []
+        for ids, mask, pix, images in _chunks(cal, config, batch_size):
+            if pix.shape[0]:
+                check_image_tokens(config, ids, pix.shape[0])
+            embeds = _embed(
+                config, params, jnp.asarray(ids), jnp.asarray(pix) if pix.shape[0] else None
+            )
+            g = max(int(images.max()), 1)
+            ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+            _, dense = _simulate(config, params, embeds, mask, ids, 0.0, g, None)
+            has = jnp.asarray(np.arange(g)[None, :] < images[:, None])  # real images [B, G]
+            self.parts.append((embeds, mask, ids, g, dense, has))
+        self.n_images = int(sum(int(np.sum(p[5])) for p in self.parts))
+        if self.n_images == 0:
+            raise ValueError("the calibration batch holds no image")
+
+    def mean_drops(self, alpha: float) -> np.ndarray:
+        """Per-layer drop count per image, averaged over the calibration images [L]."""
+        total = 0.0
+        for embeds, mask, ids, g, dense, has in self.parts:
+            drops, _ = _simulate(
+                self.config, self.params, embeds, mask, ids, jnp.float32(alpha), g, dense
+            )
+            total = total + np.asarray(jnp.sum(jnp.where(has[None], drops, 0), axis=(1, 2)))
+        return total / self.n_images
+
+
+_embed = jax.jit(embed_inputs, static_argnums=0)
+
+
+def recipe_from_drops(
+    config: LlavaConfig, mean_drops, budget: float, text_tokens: int, images: int
+) -> tuple[int, ...]:
+    """keep[l] from per-layer mean drops, no further drop once the FLOPs budget is met."""
+    n_layers, n = config.text.num_hidden_layers, config.num_image_tokens
+    keep, cur = [], n
+    for layer, d in enumerate(np.asarray(mean_drops)):
+        as_is = keep + [cur] * (n_layers - layer)
+        if total_flops(decoder_prefill_flops(config, text_tokens, images, as_is)) <= budget:
+            return tuple(as_is)
+        cur = max(1, cur - int(round(float(d))))
+        keep.append(cur)
+    return tuple(keep)
+
+
+def fit_recipe(
+    config: LlavaConfig,
+    params: dict,
+    calibration: Calibration,
+    flops_reduction: float,
+    *,
+    score: str = "text",
+    flops_scope: str = "prompt",
+    text_tokens: int | None = None,
+    tol: float = 1 / 256,
+    batch_size: int = 8,
+) -> Recipe:
+    """Fits a FitPrune recipe that cuts the decoder's prefill FLOPs by `flops_reduction`.
+
+    Args:
+      config, params: the model (dense or weight-pruned: the statistics are its own).
+      calibration: the calibration batch (prompts with images; never an evaluation split).
+      flops_reduction: the share of the decoder's prefill FLOPs to remove, in [0, 1).
+      score: how `apply` will rank tokens ('text' or 'text_x_visual'); stored in the recipe.
+      flops_scope: 'prompt' (default): the budget is on the decoder's whole prefill of the
+        reference prompt, text tokens included; 'visual': on the FLOPs of its visual tokens
+        alone (FitPrune's own accounting, which leaves text tokens out).
+      text_tokens: text tokens of the reference prompt (default: the calibration mean); set it
+        to the deployment prompts' length when the calibration text is longer or shorter.
+      tol: binary-search precision on alpha.
+      batch_size: calibration rows per simulated batch (bounds memory: [B, heads, T, T] probs).
+    """
+    if not 0.0 <= flops_reduction < 1.0:
+        raise ValueError(f"flops_reduction={flops_reduction} must be within [0, 1)")
+    t0 = time.perf_counter()
+    images, text = image_layout(config, calibration.input_ids, calibration.attention_mask)
+    ref_images = max(1, int(round(float(np.mean(images)))))
+    if flops_scope not in ("prompt", "visual"):
+        raise ValueError(f"flops_scope={flops_scope!r} must be 'prompt' or 'visual'")
+    ref_text = int(round(float(np.mean(text)))) if text_tokens is None else int(text_tokens)
+    if ref_text < 0:
+        raise ValueError(f"text_tokens={ref_text} must be >= 0")
+    budget_text = ref_text if flops_scope == "prompt" else 0
+    dense_flops = total_flops(decoder_prefill_flops(config, budget_text, ref_images))
+    budget = dense_flops * (1.0 - flops_reduction)
+
+    def flops_of(keep):
+        return total_flops(decoder_prefill_flops(config, budget_text, ref_images, keep))
+
+    sim = _Simulator(config, params, calibration, batch_size)
+    n = config.num_image_tokens
+    full = (n,) * config.text.num_hidden_layers
+    cache: dict[float, tuple[int, ...]] = {}
+
+    def recipe_at(alpha: float) -> tuple[int, ...]:
+        if alpha not in cache:
+            cache[alpha] = recipe_from_drops(
+                config, sim.mean_drops(alpha), budget, budget_text, ref_images
+            )
+        return cache[alpha]
+
+    if flops_of(full) <= budget:
+        lo = hi = 0.0
+        cache[0.0] = full
+    else:
+        lo, hi = 0.0, 1.0
+        if flops_of(recipe_at(hi)) > budget:
+            best = 1.0 - flops_of(recipe_at(hi)) / dense_flops
+            raise ValueError(
+                f"a {flops_reduction:.0%} prefill FLOPs reduction is out of reach by dropping "
+                f"visual tokens: at most {best:.1%} for prompts of {budget_text} text tokens and "
+                f"{ref_images} image(s) of {n} tokens (flops_scope={flops_scope!r})"
+            )
+        while hi - lo > tol:
+            mid = (lo + hi) / 2
+            if flops_of(recipe_at(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+    keep = recipe_at(hi)
+    return Recipe(
+        keep=keep,
+        model=model_signature(config),
+        target_reduction=float(flops_reduction),
+        flops_reduction=1.0 - flops_of(keep) / dense_flops,
+        alpha=float(hi),
+        text_tokens=ref_text,
+        images=ref_images,
+        flops_scope=flops_scope,
+        samples=len(calibration),
+        score=score,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration batches
+
+
+def pad_left(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded input_ids and attention_mask from token-id lists."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def random_calibration(config: LlavaConfig, n: int = 32, seed: int = 0) -> Calibration:
+    """n random prompts, each: text, one image, a longer text (the question) after it."""
+    rng = np.random.default_rng(seed)
+    v = config.vision
+    lo = 3
+    hi = min(config.image_token_index, config.text.vocab_size)
+    rows = []
+    for _ in range(n):
+        before = rng.integers(lo, hi, int(rng.integers(1, 4))).tolist()
+        after = rng.integers(lo, hi, int(rng.integers(3, 7))).tolist()
+        rows.append(before + [config.image_token_index] * config.num_image_tokens + after)
+    ids, mask = pad_left(rows, config.text.pad_token_id or 0)
+    pix = rng.standard_normal((n, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    return Calibration(ids, mask, pix)
+
+
+def proxy_calibration(config: LlavaConfig, model_dir: str, n: int = 32, seed: int = 0):
+    """n multimodal proxy samples of the toy task (image + description), as model inputs.
+
+    Each is the caption turn `USER: <image>\nDescribe the picture. ASSISTANT: {description}</s>`
+    (`data.tokenizer.encode_caption`): the description is the text that attends to the image.
+    The scenes come from the proxy split, never from an evaluation split.
+    """
+    from ellava_jax.data import proxy, scenes, tokenizer
+
+    tok = tokenizer.load_tokenizer(model_dir)
+    samples = proxy.multimodal_samples(n, split="proxy", seed=seed)
+    rows = [tokenizer.encode_caption(tok, s.text, config.num_image_tokens)[0] for s in samples]
+    ids, mask = pad_left(rows, tokenizer.token_id(tok, tokenizer.PAD))
+    pix = scenes.pixel_values(np.stack([s.pixels for s in samples]))
+    return Calibration(ids, mask, np.asarray(pix, np.float32))
+
+
+def file_calibration(config: LlavaConfig, model_dir: str, path: str, n: int = 32) -> Calibration:
+    """n image + text rows of a jsonl file (`image`: path relative to the file, `text`), as
+    LLaVA-1.5 prompts `USER: <image>\n{text} ASSISTANT:` in the model's own tokenizer."""
+    from ellava_jax.data import tokenizer
+    from ellava_jax.data.images import load_pixels, read_multimodal_jsonl
+
+    rows = read_multimodal_jsonl(path)[:n]
+    if not rows:
+        raise ValueError(f"{path}: no calibration rows")
+    tok = tokenizer.load_tokenizer(model_dir)
+    base = os.path.dirname(os.path.abspath(path))
+    ids = []
+    for i, r in enumerate(rows):
+        prompt = tokenizer.expand_image_tokens(
+            f"USER: {tokenizer.IMAGE}\n{r['text']} ASSISTANT:", config.num_image_tokens
+        )
+        row = tokenizer.encode_text(tok, prompt)
+        if sum(t == config.image_token_index for t in row) != config.num_image_tokens:
+            raise ValueError(
+                f"{path}:{i + 1}: the tokenizer of {model_dir} does not map "
+                f"{tokenizer.IMAGE!r} to image_token_index={config.image_token_index}"
+            )
+        ids.append(row)
+    pad = config.text.pad_token_id or 0
+    input_ids, mask = pad_left(ids, pad)
+    pix = np.stack([load_pixels(os.path.join(base, r["image"]), model_dir, config) for r in rows])
+    return Calibration(input_ids, mask, pix.astype(np.float32))
+
+
+def calibration_for(
+    config: LlavaConfig, model_dir: str | None, n: int, seed: int = 0, path: str | None = None
+) -> Calibration:
+    """The calibration batch for a model (never an evaluation split).
+
+    `path` (a jsonl of image + text rows) when given; else random prompts for `tiny` (no
+    directory), and the toy task's multimodal proxy samples for the toy (or a model of the
+    toy's image size); any other model needs `path`.
+    """
+    if path is not None:
+        if model_dir is None:
+            raise ValueError("a calibration file needs a model directory with a tokenizer")
+        return file_calibration(config, model_dir, path, n)
+    if model_dir is None:
+        return random_calibration(config, n, seed)
+    from ellava_jax.data import scenes
+
+    if config.vision.image_size != scenes.IMAGE_SIZE:
+        raise ValueError(
+            f"{model_dir}: pass a calibration file (jsonl rows with 'image' and 'text') for "
+            "this model; the built-in proxy samples are the toy task's"
+        )
+    return proxy_calibration(config, model_dir, n, seed)
