@@ -151,6 +151,8 @@ def benchmark_models(
         env=env,
     )
     result = json.loads(out.read_text()) if out.exists() else None
+    if own_tmp:  # keep only the small files (result, DeepSparse compile logs)
+        (wd / "inputs.npz").unlink(missing_ok=True)
     if proc.returncode == EXIT_MISMATCH:
         raise OutputMismatchError(
             proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "outputs differ"
