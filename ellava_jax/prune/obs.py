@@ -107,23 +107,30 @@ def _damped_factor(h: jax.Array, damp0: jax.Array) -> tuple[jax.Array, jax.Array
 # Masks (True = pruned inside this module; the public function returns True = kept)
 
 
+def _count(mask: jax.Array) -> jax.Array:
+    """Number of True entries of a 2-D mask, as float32 (exact below 2**24; a column-wise
+    float sum first: XLA:CPU vectorises it far better than one integer reduction)."""
+    return jnp.sum(jnp.sum(mask.astype(_F32), axis=0))
+
+
 def _smallest_k(score: jax.Array, k: jax.Array) -> jax.Array:
     """Boolean mask of exactly ``k`` smallest entries of a non-negative ``score`` (ties: first
     in row-major order). ``score`` may hold +inf for entries that must not be chosen."""
     bits = lax.bitcast_convert_type(score, jnp.int32)  # monotone for non-negative floats
+    kf = k.astype(_F32)
 
     # smallest t with count(bits <= t) >= k, by bisection on the bit pattern
     def bisect(_, lohi):
         lo, hi = lohi
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits <= mid, dtype=jnp.int32) >= k
+        enough = _count(bits <= mid) >= kf
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     t, _ = lax.fori_loop(0, 32, bisect, (jnp.int32(0), jnp.int32(_INF_BITS)))
     below = bits < t
     tied = bits == t
-    need = k - jnp.sum(below, dtype=jnp.int32)  # how many of the tied entries to take
-    n_tied = jnp.sum(tied, dtype=jnp.int32)
+    need = kf - _count(below)  # how many of the tied entries to take
+    n_tied = _count(tied)
     flat = lax.broadcasted_iota(jnp.int32, score.shape, 0) * score.shape[1] + (
         lax.broadcasted_iota(jnp.int32, score.shape, 1)
     )
@@ -133,7 +140,7 @@ def _smallest_k(score: jax.Array, k: jax.Array) -> jax.Array:
         def bisect_idx(_, lohi):
             lo, hi = lohi
             mid = lo + (hi - lo) // 2
-            enough = jnp.sum(tied & (flat < mid), dtype=jnp.int32) >= need
+            enough = _count(tied & (flat < mid)) >= need
             return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
         nbits = max(1, math.ceil(math.log2(score.size + 1)) + 1)
@@ -144,27 +151,74 @@ def _smallest_k(score: jax.Array, k: jax.Array) -> jax.Array:
     return below | take
 
 
-def _smallest_n_of_group(score: jax.Array, n: int) -> jax.Array:
-    """``score[m, out]``: mask of the ``n`` smallest in each column (ties: lower row first)."""
-    m = score.shape[0]
-    rank = jnp.zeros(score.shape, jnp.int32)
-    for a in range(m):
-        for b in range(m):
-            if a == b:
-                continue
-            before = score[b] <= score[a] if b < a else score[b] < score[a]
-            rank = rank.at[a].add(before.astype(jnp.int32))
-    return rank < n
+def _smallest_n_of_group(scores: list[jax.Array], n: int) -> list[jax.Array]:
+    """``scores``: M arrays ``[out]``; per output, mask of the ``n`` smallest of the M (ties:
+    earlier first)."""
+    masks = []
+    for a, sa in enumerate(scores):
+        rank = sum(
+            ((sb <= sa) if b < a else (sb < sa)).astype(jnp.int32)
+            for b, sb in enumerate(scores)
+            if b != a
+        )
+        masks.append(rank < n)
+    return masks
 
 
 # --------------------------------------------------------------------------------------------
 # One block
 
 
-def _prune_block(w, u, valid, sparsity, *, prune_n, prune_m, subblock):
+def _obs_base(w, u, inv_d, pruned, *, prune_n, prune_m):
+    """Column-by-column OBS on a few rows, fully unrolled. Everything here is elementwise
+    across the ``out`` axis (the coefficients of ``u`` are scalars), so XLA fuses it into a
+    few loops over the output features. Returns ``(errors, pruned)``."""
+    m = w.shape[0]
+    rows = [w[i] for i in range(m)]
+    masks = [None if pruned is None else pruned[i] for i in range(m)]
+    errs = []
+    for i in range(m):
+        if prune_n and i % prune_m == 0:
+            group = [jnp.square(rows[i + t] * inv_d[i + t]) for t in range(prune_m)]
+            chosen = _smallest_n_of_group(group, prune_n)
+            for t in range(prune_m):
+                masks[i + t] = chosen[t]
+        e = jnp.where(masks[i], rows[i], 0.0) * inv_d[i]
+        errs.append(e)
+        for j in range(i + 1, m):
+            rows[j] = rows[j] - u[i, j] * e
+    return jnp.stack(errs), jnp.stack(masks)
+
+
+def _obs_tiles(w, u, inv_d, pruned, *, prune_n, prune_m, tile):
+    """OBS on ``w[B, out]`` with the block's inverse-Hessian factor ``u[B, B]``, ``tile`` rows at
+    a time (``lax.fori_loop``): each tile first receives the errors of the earlier tiles of the
+    block by one matmul (left-looking), then runs the unrolled column loop of `_obs_base`."""
+    nrow, nout = w.shape
+    ntile = nrow // tile
+
+    def step(t, carry):
+        errs, masks = carry
+        r0 = t * tile
+        ut = lax.dynamic_slice_in_dim(u, r0, tile, 1)  # U[:, tile]
+        wt = lax.dynamic_slice_in_dim(w, r0, tile, 0) - ut.T @ errs  # later rows of errs are 0
+        utt = lax.dynamic_slice_in_dim(ut, r0, tile, 0)
+        dt = lax.dynamic_slice_in_dim(inv_d, r0, tile, 0)
+        pt = None if prune_n else lax.dynamic_slice_in_dim(masks, r0, tile, 0)
+        et, pt = _obs_base(wt, utt, dt, pt, prune_n=prune_n, prune_m=prune_m)
+        errs = lax.dynamic_update_slice_in_dim(errs, et, r0, 0)
+        if prune_n:
+            masks = lax.dynamic_update_slice_in_dim(masks, pt, r0, 0)
+        return errs, masks
+
+    masks = jnp.zeros(w.shape, bool) if pruned is None else pruned
+    return lax.fori_loop(0, ntile, step, (jnp.zeros_like(w), masks))
+
+
+def _prune_block(w, u, valid, sparsity, *, prune_n, prune_m, tile):
     """OBS on one block. ``w[B, out]`` current values, ``u[B, B]`` the upper Cholesky factor of
     the block's inverse Hessian, ``valid[B]`` False on padding rows. Returns ``(q, pruned)``."""
-    nrow, nout = w.shape
+    nout = w.shape[1]
     d = jnp.diagonal(u)
     inv_d = 1.0 / d
     if prune_n == 0:
@@ -173,42 +227,12 @@ def _prune_block(w, u, valid, sparsity, *, prune_n, prune_m, subblock):
         count = jnp.sum(valid, dtype=jnp.int32) * nout
         k = jnp.floor(count.astype(_F32) * sparsity).astype(jnp.int32)
         pruned = _smallest_k(score, jnp.clip(k, 0, count))
-        group = 1
     else:
-        pruned = jnp.zeros(w.shape, bool)
-        group = prune_m
-
-    for s0 in range(0, nrow, subblock):
-        s1 = s0 + subblock
-        ws, us, inv_ds = w[s0:s1], u[s0:s1, s0:s1], inv_d[s0:s1]
-        ps = pruned[s0:s1]
-        es = jnp.zeros_like(ws)
-
-        def group_step(g, carry, us=us, inv_ds=inv_ds):
-            ws, ps, es = carry
-            r0 = g * group
-            if prune_n:
-                rows = lax.dynamic_slice_in_dim(ws, r0, group, 0)
-                sc = jnp.square(rows * lax.dynamic_slice_in_dim(inv_ds, r0, group)[:, None])
-                ps = lax.dynamic_update_slice_in_dim(ps, _smallest_n_of_group(sc, prune_n), r0, 0)
-            for t in range(group):
-                i = r0 + t
-                row = lax.dynamic_index_in_dim(ws, i, 0, keepdims=False)
-                p = lax.dynamic_index_in_dim(ps, i, 0, keepdims=False)
-                e = jnp.where(p, row, 0.0) * lax.dynamic_index_in_dim(inv_ds, i, 0, False)
-                urow = lax.dynamic_index_in_dim(us, i, 0, keepdims=False)
-                ws = ws - urow[:, None] * e[None, :]
-                es = lax.dynamic_update_index_in_dim(es, e, i, 0)
-            return ws, ps, es
-
-        unroll = max(1, 8 // group)
-        ws, ps, es = lax.fori_loop(0, subblock // group, group_step, (ws, ps, es), unroll=unroll)
-        w = w.at[s0:s1].set(ws)
-        if prune_n:
-            pruned = pruned.at[s0:s1].set(ps)
-        if s1 < nrow:
-            w = w.at[s1:].add(-(u[s0:s1, s1:].T @ es))
-    q = jnp.where(pruned, 0.0, w)
+        pruned = None
+    e, pruned = _obs_tiles(w, u, inv_d, pruned, prune_n=prune_n, prune_m=prune_m, tile=tile)
+    # q = w - (U^T e) restricted to kept entries; a pruned entry is exactly 0, a kept one is the
+    # current value after all earlier columns of the block
+    q = jnp.where(pruned, 0.0, w - jnp.triu(u, 1).T @ e)
     return q, pruned
 
 
@@ -216,11 +240,10 @@ def _prune_block(w, u, valid, sparsity, *, prune_n, prune_m, subblock):
 # The jitted kernel
 
 
-@functools.partial(
-    jax.jit, static_argnames=("prune_n", "prune_m", "blocksize", "subblock", "chunks")
-)
-def _sparsegpt_jit(kernel, hessian, sparsity, percdamp, *, prune_n, prune_m, blocksize, subblock,
-                   chunks):
+@functools.partial(jax.jit, static_argnames=("prune_n", "prune_m", "blocksize", "tile", "chunks"))
+def _sparsegpt_jit(
+    kernel, hessian, sparsity, percdamp, *, prune_n, prune_m, blocksize, tile, chunks
+):
     _TRACES["sparsegpt"] += 1
     n, nout = kernel.shape
     bsz = blocksize
@@ -255,7 +278,7 @@ def _sparsegpt_jit(kernel, hessian, sparsity, percdamp, *, prune_n, prune_m, blo
     udiag = solve_triangular(rdiag, eye, lower=False)
 
     prune_block = functools.partial(
-        _prune_block, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, subblock=subblock
+        _prune_block, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, tile=tile
     )
 
     per_chunk = -(-nb // chunks)
@@ -306,7 +329,7 @@ def sparsegpt(
     prune_m: int = 0,
     blocksize: int = 128,
     percdamp: float | jax.Array = 0.01,
-    subblock: int | None = None,
+    tile: int = 8,
     chunks: int = 8,
 ) -> tuple[jax.Array, jax.Array]:
     """SparseGPT (block-wise OBS) on one Flax kernel.
@@ -322,7 +345,7 @@ def sparsegpt(
       blocksize: OBS block size (columns of torch's W = rows of the kernel).
       percdamp: damping as a fraction of the mean Hessian diagonal; multiplied by 10 (up to 8
         times) while the damped Hessian is not positive definite.
-      subblock, chunks: speed knobs (results do not depend on them beyond float rounding).
+      tile, chunks: speed knobs (results do not depend on them beyond float rounding).
 
     Returns:
       ``(pruned_kernel, mask)``; ``mask`` is boolean ``[in, out]``, True = kept.
@@ -336,10 +359,10 @@ def sparsegpt(
         raise ValueError(f"bad N:M = {prune_n}:{prune_m}")
     if prune_m and (blocksize % prune_m or n % prune_m):
         raise ValueError(f"N:M needs M={prune_m} to divide blocksize and in ({blocksize}, {n})")
-    if subblock is None:
-        subblock = 32 if blocksize % 32 == 0 and 32 % max(prune_m, 1) == 0 else blocksize
-    if blocksize % subblock or (prune_m and subblock % prune_m):
-        raise ValueError(f"subblock {subblock} must divide blocksize and be a multiple of M")
+    if prune_m and tile % prune_m:
+        tile = prune_m * max(1, tile // prune_m)
+    if blocksize % tile:
+        raise ValueError(f"tile {tile} must divide blocksize {blocksize}")
     return _sparsegpt_jit(
         kernel,
         hessian,
@@ -348,6 +371,6 @@ def sparsegpt(
         prune_n=int(prune_n),
         prune_m=int(prune_m),
         blocksize=int(blocksize),
-        subblock=int(subblock),
+        tile=int(tile),
         chunks=max(1, int(chunks)),
     )
