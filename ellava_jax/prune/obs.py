@@ -36,9 +36,12 @@ Speed structure (all static shapes, one compilation per (shape, prune_n, prune_m
 * the blocks are grouped in a few *chunks*. At a chunk start one matmul brings in the changes of
   all earlier chunks; inside a chunk a ``lax.scan`` over its blocks contracts over the chunk's
   rows only (so the wasted work of static shapes is bounded by one chunk);
-* inside a block, sub-blocks of ``subblock`` rows: a ``lax.fori_loop`` over columns updates only
-  the ``[subblock, out]`` slab, then one matmul carries the sub-block's error to the rest of the
-  block.
+* inside a block, a ``lax.fori_loop`` over tiles of ``tile`` rows: one small matmul brings the
+  errors of the block's earlier tiles into the tile (left-looking again), then the tile's
+  columns run unrolled; that column loop is elementwise across the ``out`` axis (the
+  coefficients of U are scalars), so XLA fuses it into a few passes over ``[tile, out]``;
+* the unstructured mask of a block (exactly the k smallest scores) comes from a bisection on
+  the float32 bit patterns of the scores (counts only, no sort), ties broken by position.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = ["sparsegpt", "trace_count"]
 _F32 = jnp.float32
 _MAX_DAMP_TRIES = 8  # damping x10 per try: up to 1e8 x the requested damping
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+_MIN_CHUNK_BLOCKS = 8  # a chunk (one compiled scan) covers at least this many blocks
 
 _TRACES = {"sparsegpt": 0}
 
@@ -281,7 +285,7 @@ def _sparsegpt_jit(
         _prune_block, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, tile=tile
     )
 
-    per_chunk = -(-nb // chunks)
+    per_chunk = max(-(-nb // chunks), _MIN_CHUNK_BLOCKS)
     d_chunks = []  # (row0, row1, D rows) of finished chunks
     q_out, m_out = [], []
     for b0 in range(0, nb, per_chunk):
@@ -330,7 +334,7 @@ def sparsegpt(
     blocksize: int = 128,
     percdamp: float | jax.Array = 0.01,
     tile: int = 8,
-    chunks: int = 8,
+    chunks: int = 6,
 ) -> tuple[jax.Array, jax.Array]:
     """SparseGPT (block-wise OBS) on one Flax kernel.
 
