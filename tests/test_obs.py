@@ -234,11 +234,26 @@ def test_jit_and_traced_sparsity():
 def test_chunks_and_tiles_do_not_change_the_result():
     """Speed knobs: several chunks (left-looking across chunks) and another tile size give the
     single-chunk result up to float rounding."""
-    w, x = _problem(seed=2, n_in=1216, n_out=48, n_tok=2048, dead=(7,), outliers=(100,))
+    w, x = _problem(seed=2, n_in=640, n_out=48, n_tok=1024, dead=(7,), outliers=(100,))
     h = jnp.asarray(_hessian(x))
     kernel = jnp.asarray(w.T)
-    q1, m1 = sparsegpt(kernel, h, 0.5, chunks=1)
-    q2, m2 = sparsegpt(kernel, h, 0.5, chunks=2, tile=4)  # 10 blocks -> chunks of 8 and 2
+    q1, m1 = sparsegpt(kernel, h, 0.5, blocksize=64, chunks=1)
+    # 10 blocks of 64 -> chunks of 8 and 2 blocks
+    q2, m2 = sparsegpt(kernel, h, 0.5, blocksize=64, chunks=2, tile=4)
     assert np.mean(np.asarray(m1) == np.asarray(m2)) > 0.999
     e1, e2 = _recon(x, w, np.asarray(q1).T), _recon(x, w, np.asarray(q2).T)
     assert abs(e1 - e2) <= 1e-3 * e1
+
+
+def test_blocked_reverse_cholesky():
+    """The recursive (matmul) factorisation: h = r r^T, r upper, as LAPACK's on the reversed h."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((900, 700)).astype(np.float32)
+    h = jnp.asarray(x.T @ x / 900 + 0.01 * np.eye(700, dtype=np.float32))
+    factor = jax.jit(lambda h: obs._reverse_cholesky_blocked(h, 128))
+    r = factor(h)
+    assert bool(jnp.all(jnp.tril(r, -1) == 0))
+    np.testing.assert_allclose(np.asarray(r @ r.T), np.asarray(h), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(r), np.asarray(obs._reverse_cholesky(h)), atol=2e-5)
+    bad = h.at[3, 3].set(-1.0)  # not positive definite: NaN somewhere, as LAPACK
+    assert not bool(jnp.all(jnp.isfinite(factor(bad))))

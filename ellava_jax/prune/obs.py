@@ -59,6 +59,7 @@ __all__ = ["sparsegpt", "trace_count"]
 _F32 = jnp.float32
 _MAX_DAMP_TRIES = 8  # damping x10 per try: up to 1e8 x the requested damping
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+_CHOL_BASE = 512  # the recursive factorisation hands blocks of at most this size to LAPACK
 _MIN_CHUNK_BLOCKS = 8  # a chunk (one compiled scan) covers at least this many blocks
 
 _TRACES = {"sparsegpt": 0}
@@ -78,6 +79,52 @@ def _reverse_cholesky(h: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
 
 
+def _split(n: int) -> int:
+    """Where the recursive factorisation splits ``n`` rows: about half, on a multiple of 128."""
+    s = (n // 2 + 64) // 128 * 128
+    return s if 0 < s < n else n // 2
+
+
+def _factor_tree(h: jax.Array, base: int):
+    """Recursive upper factor ``h = r r^T`` as a tree: a leaf ``(r, r^-1)`` (LAPACK on at most
+    ``base`` rows) or a node ``(s, top_left, r12, bottom_right)``. All the work above the leaves
+    is matmuls: ``r22`` first, ``r12 = h12 r22^-T``, then ``r11`` from ``h11 - r12 r12^T``."""
+    n = h.shape[0]
+    if n <= base:
+        r = _reverse_cholesky(h)
+        return (r, solve_triangular(r, jnp.eye(n, dtype=r.dtype), lower=False))
+    s = _split(n)
+    t22 = _factor_tree(h[s:, s:], base)
+    r12 = _solve_right(t22, h[:s, s:])
+    t11 = _factor_tree(h[:s, :s] - r12 @ r12.T, base)
+    return (s, t11, r12, t22)
+
+
+def _solve_right(tree, b: jax.Array) -> jax.Array:
+    """``x`` with ``x @ r.T = b`` for the factor ``r`` held by ``tree``."""
+    if len(tree) == 2:
+        return b @ tree[1].T
+    s, t11, r12, t22 = tree
+    x2 = _solve_right(t22, b[:, s:])
+    x1 = _solve_right(t11, b[:, :s] - x2 @ r12.T)
+    return jnp.concatenate([x1, x2], axis=1)
+
+
+def _assemble(tree, out: jax.Array, at: int = 0) -> jax.Array:
+    if len(tree) == 2:
+        m = tree[0].shape[0]
+        return out.at[at : at + m, at : at + m].set(tree[0])
+    s, t11, r12, t22 = tree
+    out = _assemble(t11, out, at)
+    out = out.at[at : at + s, at + s : at + s + r12.shape[1]].set(r12)
+    return _assemble(t22, out, at + s)
+
+
+def _reverse_cholesky_blocked(h: jax.Array, base: int = 512) -> jax.Array:
+    tree = _factor_tree(h, base)
+    return _assemble(tree, jnp.zeros_like(h))
+
+
 def _damped_factor(h: jax.Array, damp0: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Factor ``h + damp I``, retrying with 10x the damping while it is not positive definite.
 
@@ -88,22 +135,20 @@ def _damped_factor(h: jax.Array, damp0: jax.Array) -> tuple[jax.Array, jax.Array
     idx = jnp.arange(n)
 
     def factor(damp):
-        return _reverse_cholesky(h.at[idx, idx].add(damp))
-
-    def finite(r):
-        return jnp.all(jnp.isfinite(r))
+        return _reverse_cholesky_blocked(h.at[idx, idx].add(damp), _CHOL_BASE)
 
     def cond(state):
-        r, _, tries = state
-        return jnp.logical_and(~finite(r), tries < _MAX_DAMP_TRIES)
+        _, _, tries, ok = state
+        return jnp.logical_and(~ok, tries < _MAX_DAMP_TRIES)
 
     def body(state):
-        _, damp, tries = state
-        damp = damp * 10.0
-        return factor(damp), damp, tries + 1
+        _, damp, tries, _ = state
+        damp = jnp.where(tries == 0, damp, damp * 10.0)
+        r = factor(damp)  # traced once: the first try runs inside the loop too
+        return r, damp, tries + 1, jnp.all(jnp.isfinite(r))
 
-    r, _, _ = lax.while_loop(cond, body, (factor(damp0), damp0, jnp.int32(0)))
-    ok = finite(r)
+    init = (jnp.zeros_like(h), damp0, jnp.int32(0), jnp.bool_(False))
+    r, _, _, ok = lax.while_loop(cond, body, init)
     return jnp.where(ok, r, jnp.eye(n, dtype=r.dtype)), ok
 
 
