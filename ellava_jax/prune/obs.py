@@ -321,8 +321,7 @@ def _sparsegpt_jit(
     r, _ = _damped_factor(h, damp0)
 
     # diagonal blocks of R and of U = R^-1
-    r4 = r.reshape(nb, bsz, nb, bsz)
-    rdiag = jnp.moveaxis(jnp.diagonal(r4, axis1=0, axis2=2), -1, 0)  # [nb, B, B]
+    rdiag = jnp.stack([r[i * bsz : (i + 1) * bsz, i * bsz : (i + 1) * bsz] for i in range(nb)])
     eye = jnp.broadcast_to(jnp.eye(bsz, dtype=_F32), rdiag.shape)
     udiag = solve_triangular(rdiag, eye, lower=False)
 
