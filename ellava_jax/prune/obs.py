@@ -13,11 +13,15 @@ Algorithm (torch notation W[out, n], H[n, n]):
   ``lambda = percdamp * mean(diag H)``;
 * ``U`` is the upper Cholesky factor of ``H^-1`` (``U^T U = H^-1``). We never form ``H^-1``:
   with ``H = R R^T``, ``R`` upper triangular (a Cholesky factorisation of the index-reversed
-  ``H``), ``U = R^-1``. Only the ``blocksize`` x ``blocksize`` diagonal blocks of ``U`` are
-  inverted explicitly;
+  ``H``, done recursively: matmuls above LAPACK leaves of at most 512 rows), ``U = R^-1``.
+  Only the ``blocksize`` x ``blocksize`` diagonal blocks of ``U`` are inverted explicitly.
+  A damped ``H`` that is still not positive definite is retried with 10x the damping (up to 8
+  times, inside jit); if all fail, ``R = I`` (magnitude scores, no updates; llm-compressor's
+  fallback), never NaN;
 * columns are processed in blocks of ``blocksize``. Inside a block the unstructured mask is
   chosen jointly over the block: the ``k`` smallest ``w^2 / U_jj^2`` with
-  ``k = floor(sparsity * elements of the block)``; for N:M, the N smallest per output row in
+  ``k = floor(sparsity * elements of the block)`` (exactly k: SparseGPT's ``tmp <= sorted[k]``
+  takes k + 1 and all ties; the masks differ by about one weight per block); for N:M, the N smallest per output row in
   each group of M consecutive inputs, chosen when the group is reached. Each pruned column's
   error ``e_j = (w_j - q_j) / U_jj`` is spread onto the remaining columns of the block
   (``W[:, j:] -= e_j U[j, j:]``);
