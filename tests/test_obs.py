@@ -113,11 +113,16 @@ def problem():
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_exact_unstructured_sparsity(problem, sparsity):
     w, _, h = problem
+    q0, mask0 = _ours(w, h, 0.0)  # sparsity 0: dense, unchanged
+    assert bool(mask0.all())
+    w_live = w.copy()
+    w_live[:, list(DEAD)] = 0.0
+    np.testing.assert_allclose(q0, w_live, rtol=0, atol=1e-6)
     q, mask = _ours(w, h, sparsity)
     blocks = [(0, 128), (128, 256), (256, N_IN)]
-    for b0, b1 in blocks:  # exact count per block (k = floor(sparsity * elements))
+    for b0, b1 in blocks:  # exact count per block, SparseGPT's floor(sparsity * elements) + 1
         pruned = int((~mask[:, b0:b1]).sum())
-        assert pruned == int(np.floor(np.float32(sparsity) * N_OUT * (b1 - b0))), (b0, pruned)
+        assert pruned == int(np.floor(np.float32(sparsity) * N_OUT * (b1 - b0))) + 1, (b0, pruned)
     assert np.all(q[~mask] == 0)
     assert np.all(np.isfinite(q))
 
@@ -228,7 +233,7 @@ def test_jit_and_traced_sparsity():
     k = jnp.asarray(np.random.default_rng(0).standard_normal((128, 16)), jnp.float32)
     h = jnp.eye(128)
     f = jax.jit(lambda s: sparsegpt(k, h, s)[1].sum())
-    assert int(f(0.25)) == 128 * 16 - 512
+    assert int(f(0.25)) == 128 * 16 - 513  # SparseGPT's floor(s * count) + 1
 
 
 def test_chunks_and_tiles_do_not_change_the_result():

@@ -20,8 +20,11 @@ Algorithm (torch notation W[out, n], H[n, n]):
   fallback), never NaN;
 * columns are processed in blocks of ``blocksize``. Inside a block the unstructured mask is
   chosen jointly over the block: the ``k`` smallest ``w^2 / U_jj^2`` with
-  ``k = floor(sparsity * elements of the block)`` (exactly k: SparseGPT's ``tmp <= sorted[k]``
-  takes k + 1 and all ties; the masks differ by about one weight per block); for N:M, the N smallest per output row in
+  ``k = floor(sparsity * elements of the block) + 1`` as SparseGPT's ``tmp <= sorted[k]``
+  (exactly that many: ties at the threshold, which SparseGPT all prunes, are broken by
+  position; sparsity 0 prunes nothing). Matching that one extra weight per block matters: on
+  ill-conditioned Hessians its error compensation moves enough later weights across the
+  threshold to cost ~0.5% mask agreement; for N:M, the N smallest per output row in
   each group of M consecutive inputs, chosen when the group is reached. Each pruned column's
   error ``e_j = (w_j - q_j) / U_jj`` is spread onto the remaining columns of the block
   (``W[:, j:] -= e_j U[j, j:]``);
@@ -278,7 +281,11 @@ def _prune_block(w, u, valid, sparsity, *, prune_n, prune_m, tile):
         score = jnp.square(w * inv_d[:, None])
         score = jnp.where(valid[:, None], score, jnp.inf)
         count = jnp.sum(valid, dtype=jnp.int32) * nout
+        # SparseGPT's count: its threshold is sorted(score)[floor(s * count)] and it prunes
+        # every score <= threshold, i.e. floor(s * count) + 1 (ties beyond that we break by
+        # position). Sparsity 0 stays dense (SparseGPT would prune one weight per block).
         k = jnp.floor(count.astype(_F32) * sparsity).astype(jnp.int32)
+        k = jnp.where(sparsity > 0, k + 1, 0)
         pruned = _smallest_k(score, jnp.clip(k, 0, count))
     else:
         pruned = None
