@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv/ (the library, its tests and references) with the pinned versions of
-# constraints.txt. Idempotent: re-running after a change of constraints.txt or pyproject.toml
+# constraints.txt, and .venv-deepsparse/ (scripts/setup_deepsparse.sh, constraints-deepsparse.txt). Idempotent: re-running after a change of constraints.txt or pyproject.toml
 # re-installs; otherwise it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +22,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The second environment: DeepSparse 1.8 needs numpy < 2 (JAX needs >= 2); driven as a subprocess.
+bash scripts/setup_deepsparse.sh
 echo "setup: .venv ready ($(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"
