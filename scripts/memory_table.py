@@ -96,7 +96,10 @@ ROWS = [
     ("fitness, one streamed layer: MLP activations 16 x 64 x 256 x I, f32", "fit_mlp"),
     ("fitness, one streamed layer: attention probs 16 x 64 x heads x 256^2, f32", "fit_attn"),
     ("projector training: params + grads + Adam (f32)", "proj_state"),
-    ("projector training: residual stream for backprop, 8 x 32 x (576 + 64) x H x layers, f32", "proj_acts"),
+    (
+        "projector training: residual stream for backprop, 8 x 32 x (576 + 64) x H x layers, f32",
+        "proj_acts",
+    ),
     ("**accelerator peak of the search** (bf16 params + the largest step above)", "device_peak"),
 ]
 
