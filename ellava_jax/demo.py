@@ -308,12 +308,11 @@ class Demo:
         dense_key = content_key("dense", eval_settings, model_fp, [])
 
         def dense(d: Path):
-            config, params, model_dir = load_model(self.model)
             if evaluate is None:
-                res = {"accuracy": None, "note": TINY_NOTE}
+                res = {"accuracy": None, "note": TINY_NOTE, "model": self.model}
             else:
-                res = {"accuracy": evaluate(config, params)}
-            res["model"] = model_dir or self.model
+                config, params, model_dir = load_model(self.model)
+                res = {"accuracy": evaluate(config, params), "model": model_dir}
             _write_json(d / "result.json", res)
 
         self.step("dense", dense_key, dense)
