@@ -111,3 +111,18 @@ def test_demo_restarts_a_stale_partial_step(tmp_path):
     except KeyboardInterrupt:
         pass
     assert read_step(out / "fitprune") is None and (out / ".fitprune.partial").exists()
+
+
+def test_demo_resumes_a_partial_step_with_the_same_key(tmp_path):
+    """An interrupted step's partial directory (same key) is handed back to the step: the
+    search resumes from the checkpoints it holds there."""
+    from ellava_jax.demo import Demo
+
+    out = tmp_path / "demo"
+    d = Demo(out, "tiny", (0.5,), skip_cpu_bench=True, progress=False, say=lambda m: None)
+    partial = out / ".search-p0.5.partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "step.partial.json").write_text(json.dumps({"key": "k"}))
+    seen = []
+    d.step("search-p0.5", "k", lambda p: seen.append((p / "checkpoints").is_dir()))
+    assert seen == [True] and read_step(out / "search-p0.5")["key"] == "k"
