@@ -299,7 +299,13 @@ class Demo:
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.say(f"model {self.model}, p0 {', '.join(f'{p:g}' for p in self.p0s)}, out {self.out}")
-        model_fp = model_fingerprint(self.model)
+        try:
+            model_fp = model_fingerprint(self.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e} (`--model tiny` runs the demo's whole path on the random tiny preset, "
+                "without accuracy)"
+            ) from None
         evaluate = self._evaluator()
         self.write_manifest()
 
