@@ -78,6 +78,16 @@ def test_demo_tiny_runs_caches_and_reports(tmp_path):
         assert read_step(out / s)["key"] == keys[s]
     assert second < first / 2, (first, second)
 
+    # output of a step this run did not make (another p0, earlier settings) stays out of the report
+    import shutil
+
+    from ellava_jax.report.report import write_report
+
+    shutil.copytree(out / step_name(0.5), out / step_name(0.3))
+    write_report(out)
+    assert "p0 = 0.3" not in (out / "report.md").read_text()
+    shutil.rmtree(out / step_name(0.3))
+
     if skip:
         # without --skip-cpu-bench the missing DeepSparse step fails with a clear message,
         # the other steps stay cached and the report says why there is no CPU timing

@@ -52,20 +52,39 @@ def _load_jsonl(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: str | os.PathLike) -> dict:
-    """Everything the report needs, read from the run directory's files."""
+    """Everything the report needs, read from the run directory's files.
+
+    With a demo manifest (demo.json), a step's directory is read only when the manifest lists
+    that step as finished in this run with the same content key as the directory's step.json:
+    output left over from a run with other settings is ignored, never mixed in.
+    """
     d = Path(run_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such run directory")
+    manifest = _load_json(d / "demo.json") or {}
+    steps = manifest.get("steps") or {}
+
+    def current(name: str) -> bool:
+        if not steps:
+            return True
+        s = steps.get(name)
+        step = _load_json(d / name / "step.json")
+        return bool(
+            s and s["status"] in ("done", "cached") and step and step.get("key") == s["key"]
+        )
+
+    def load(name: str, file: str):
+        return _load_json(d / name / file) if current(name) else None
+
     searches = {}
     for sub in sorted(d.glob("search-p*")):
         m = re.fullmatch(r"search-p([0-9.]+)", sub.name)
         res = _load_json(sub / "result.json")
-        if m and res is not None:
+        if m and res is not None and current(sub.name):
             searches[float(m.group(1))] = {
                 "dir": sub,
                 "result": res,
                 "rounds": _load_jsonl(sub / "rounds.jsonl"),
-                "step": _load_json(sub / "step.json"),
             }
     single = _load_json(d / "result.json")
     if not searches and single is not None and "policy" in single:
@@ -78,11 +97,11 @@ def read_run(run_dir: str | os.PathLike) -> dict:
         )
     return {
         "dir": d,
-        "manifest": _load_json(d / "demo.json") or {},
-        "dense": _load_json(d / "dense" / "result.json"),
+        "manifest": manifest,
+        "dense": load("dense", "result.json"),
         "searches": dict(sorted(searches.items())),
-        "bench": _load_json(d / "bench-cpu" / "bench.json"),
-        "fitprune": _load_json(d / "fitprune" / "result.json"),
+        "bench": load("bench-cpu", "bench.json"),
+        "fitprune": load("fitprune", "result.json"),
     }
 
 
