@@ -4,6 +4,8 @@ import json
 import re
 import time
 
+import pytest
+
 from ellava_jax.demo import read_step, run_demo, step_name
 
 # a search small enough for seconds on 2 cores
@@ -136,3 +138,57 @@ def test_demo_resumes_a_partial_step_with_the_same_key(tmp_path):
     seen = []
     d.step("search-p0.5", "k", lambda p: seen.append((p / "checkpoints").is_dir()))
     assert seen == [True] and read_step(out / "search-p0.5")["key"] == "k"
+
+
+@pytest.mark.slow
+def test_demo_interrupted_search_resumes(tmp_path, monkeypatch):
+    """A search killed after its first round leaves only a partial directory; the next run
+    resumes it from its checkpoints and finishes the step (slow: a second tiny search, ~1.5 min
+    cold on a loaded 2-core machine)."""
+    import ellava_jax.search.run as search_run
+    from ellava_jax.search.evolve import SearchInterrupted
+
+    out = tmp_path / "demo"
+    real = search_run.run_search
+
+    def killed(*a, **kw):
+        return real(*a, stop_after_round=0, **kw)
+
+    monkeypatch.setattr(search_run, "run_search", killed)
+    lines: list[str] = []
+    with pytest.raises(SearchInterrupted):
+        run_demo(
+            str(out),
+            "tiny",
+            (0.5,),
+            skip_cpu_bench=True,
+            overrides=TINY,
+            fitprune_samples=4,
+            progress=False,
+            say=lines.append,
+        )
+    partial = out / f".{step_name(0.5)}.partial"
+    assert read_step(out / step_name(0.5)) is None and (partial / "checkpoints").is_dir()
+
+    monkeypatch.setattr(search_run, "run_search", real)
+    lines = []
+    assert _demo_one(out, lines) == 0, "\n".join(lines)
+    assert any("resuming an interrupted run" in x for x in lines)
+    assert not any("round 1/2" in x for x in lines), "round 1 was redone"
+    assert any("round 2/2" in x for x in lines)
+    assert read_step(out / step_name(0.5)) and not partial.exists()
+    rounds = (out / step_name(0.5) / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == TINY["rounds"]
+
+
+def _demo_one(out, lines):
+    return run_demo(
+        str(out),
+        "tiny",
+        (0.5,),
+        skip_cpu_bench=True,
+        overrides=TINY,
+        fitprune_samples=4,
+        progress=False,
+        say=lines.append,
+    )
