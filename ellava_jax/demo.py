@@ -372,8 +372,14 @@ class Demo:
             self.skip("fitprune", f"the p0 = {fp_p0:g} search failed")
 
         # 5. the report
-        deps = [self.records[k].key or k for k in sorted(self.records)]
-        deps += [f"{k}:{_outcome(self.records[k].status)}" for k in sorted(self.records)]
+        # the report depends on what each step wrote: its step.json (key and run time, so a
+        # re-executed step, e.g. a new CPU timing, refreshes the report) or why it is missing
+        deps = [
+            json.dumps(read_step(self.out / k), sort_keys=True)
+            if _outcome(self.records[k].status) == "ok"
+            else f"{k}:{self.records[k].status}"
+            for k in sorted(self.records)
+        ]
         report_key = content_key("report", {"skip_cpu_bench": self.skip_cpu_bench}, model_fp, deps)
         self.write_manifest()
         self.step("report", report_key, self._report)
