@@ -1,0 +1,58 @@
+"""`ellava demo`: the whole journey on the shipped toy (or tiny), cached by content, then the report."""
+
+from __future__ import annotations
+
+NAME = "demo"
+HELP = (
+    "Dense evaluation; uniform SparseGPT and the EfficientLLaVA search per p0; export and "
+    "DeepSparse timing; FitPrune on top of the p0 = 0.5 model; the report. Finished steps are "
+    "reused (content keys), an interrupted run resumes."
+)
+
+
+def _p0_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--p0 {s!r}: expected comma-separated numbers, e.g. 0.3,0.4,0.5"
+        ) from None
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="toy", help="toy (default) | tiny | HF LLaVA directory")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--p0", default="0.3,0.4,0.5", help="target sparsities (default 0.3,0.4,0.5)")
+    p.add_argument(
+        "--skip-cpu-bench",
+        action="store_true",
+        help="leave out the ONNX export + DeepSparse timing (the report says so)",
+    )
+    p.add_argument(
+        "--bench-seq-len", type=int, default=64, help="tokens of the timed prefill (default 64)"
+    )
+    p.add_argument("--population", type=int, default=None, help="override the recipes' population")
+    p.add_argument("--rounds", type=int, default=None, help="override the recipes' rounds")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="evaluate on the first N test questions"
+    )
+
+
+def run(args) -> int:
+    from ellava_jax.demo import run_demo
+
+    overrides = {}
+    if args.population is not None:
+        overrides["population"] = args.population
+        overrides["top_k"] = min(args.population, 8)
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+    return run_demo(
+        args.out,
+        args.model,
+        _p0_list(args.p0),
+        skip_cpu_bench=args.skip_cpu_bench,
+        overrides=overrides,
+        bench_seq_len=args.bench_seq_len,
+        eval_limit=args.eval_limit,
+    )
