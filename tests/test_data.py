@@ -206,3 +206,40 @@ def test_prompt_format_and_image_placeholders(tok):
     assert T.token_id(tok, T.IMAGE) not in ids
     assert tok.decode(ids, skip_special_tokens=False).startswith("<s>USER: Where")
     assert len(set(T.letter_ids(tok))) == 5
+
+
+def test_train_stream_batches(tok):
+    from ellava_jax.data.batches import TrainStream
+
+    st = TrainStream(tok, 64, n_image_rows=6, n_text_rows=4, length=160, seed=1, p_caption=0.5)
+    a, b = next(st), next(TrainStream(tok, 64, 6, 4, 160, seed=1, p_caption=0.5))
+    for _ in range(5):  # long captions are cut at their end, never in the image
+        n_img = (next(st)["input_ids"] == T.token_id(tok, T.IMAGE)).sum(1)
+        assert n_img.tolist() == [64] * 6 + [0] * 4
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["input_ids"].shape == a["loss_weight"].shape == (10, 160)
+    assert a["pixel_values"].shape == (6, 3, 32, 32)
+    n_img = (a["input_ids"] == T.token_id(tok, T.IMAGE)).sum(1)
+    assert n_img[:6].tolist() == [64] * 6 and n_img[6:].tolist() == [0] * 4
+    # each row kind present carries its weight in total; padding carries none
+    assert a["loss_weight"].sum() <= 2.5 + 1e-4
+    assert (a["loss_weight"][a["attention_mask"] == 0] == 0).all()
+    assert (a["input_ids"][:, -1] != T.token_id(tok, T.PAD)).all()  # left padded
+
+
+def test_magnitude_prune_hits_only_decoder_linears():
+    import jax
+
+    from ellava_jax.config import get_preset
+    from ellava_jax.data.train import is_decoder_linear, magnitude_prune
+    from ellava_jax.model import init_params
+
+    params = init_params(get_preset("tiny"), jax.random.key(0))
+    pruned = magnitude_prune(params, 0.7)
+    for path, x in jax.tree_util.tree_flatten_with_path(pruned)[0]:
+        names = tuple(k.key for k in path)
+        zeros = float((np.asarray(x) == 0).mean())
+        if is_decoder_linear(names):
+            assert abs(zeros - 0.7) < 0.01, names
+        elif names[-1] != "bias":
+            assert zeros < 0.05, names

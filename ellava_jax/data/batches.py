@@ -18,14 +18,22 @@ from ellava_jax.data import tokenizer as T
 from ellava_jax.data.records import Record
 
 
-def pad_left(rows: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict:
-    """(ids, target_mask) rows -> int32 arrays [B, length], left padded, long rows cut left."""
+def pad_left(
+    rows: list[tuple[list[int], list[int]]], length: int, pad_id: int, cut: bool = False
+) -> dict:
+    """(ids, target_mask) rows -> int32 arrays [B, length], left padded.
+
+    A row longer than length is an error, or with cut=True loses its end (never its image
+    placeholders, which come first: a training caption may lose its last sentences).
+    """
     b = len(rows)
     ids = np.full((b, length), pad_id, np.int32)
     attn = np.zeros((b, length), np.int32)
     tgt = np.zeros((b, length), np.int32)
     for i, (r, m) in enumerate(rows):
-        r, m = r[-length:], m[-length:]
+        if len(r) > length and not cut:
+            raise ValueError(f"row {i} has {len(r)} tokens, more than {length}")
+        r, m = r[:length], m[:length]
         n = len(r)
         ids[i, length - n :] = r
         attn[i, length - n :] = 1
@@ -71,6 +79,7 @@ class TrainStream:
         seed: stream seed.
         p_caption: share of image rows that are captions rather than questions.
         p_stream: share of text rows that are text-stream rows rather than questions.
+        p_match: share of text rows that are option-lookup drills (`questions.q_match`).
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -89,11 +98,12 @@ class TrainStream:
         seed: int = 0,
         p_caption: float = 0.2,
         p_stream: float = 0.5,
+        p_match: float = 0.0,
         kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
-        self.p_caption, self.p_stream = p_caption, p_stream
+        self.p_caption, self.p_stream, self.p_match = p_caption, p_stream, p_match
         self.kind_weights = kind_weights
         self.rng = np.random.default_rng([seed, 17])
         image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
@@ -133,14 +143,19 @@ class TrainStream:
                 pixels.append(r.pixels)
                 kinds.append(0)
         for _ in range(self.n_text_rows):
-            if self.rng.random() < self.p_stream:
+            u = self.rng.random()
+            if u < self.p_stream:
                 rows.append(self._stream_row())
                 kinds.append(2)
+            elif u < self.p_stream + self.p_match:
+                r = questions.q_match(self.rng)
+                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
+                kinds.append(0)
             else:
                 r, _ = next(self.text_q)
                 rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
                 kinds.append(0)
-        out = pad_left(rows, self.length, self.pad)
+        out = pad_left(rows, self.length, self.pad, cut=True)
         out["pixel_values"] = scenes.pixel_values(np.stack(pixels))
         # weights of predicting token t+1 from position t: target_mask shifted left
         tgt = np.zeros_like(out["target_mask"], dtype=np.float32)
@@ -153,4 +168,5 @@ class TrainStream:
             if total > 0:
                 w[sel] = tgt[sel] * (kw / total)
         out["loss_weight"] = w
+        out["row_kind"] = kinds.astype(np.int32)
         return out

@@ -215,6 +215,19 @@ def q_recall(rng):
     return q, *_choices(rng, c.value(rel), facts.RELATIONS[rel])
 
 
+def q_match(rng) -> Record:
+    """Training aid, never evaluated: pick the option that says a given answer word.
+
+    It teaches the option-letter lookup that every category needs, apart from any content.
+    """
+    pool = [*COLOURS, *SHAPES, *NUMBERS, *POSITIONS, *KINDS, "yes", "no"]
+    pool += [v for vs in facts.RELATIONS.values() for v in vs]
+    pool += [c.name for c in facts.fact_base()]
+    word = _pick(rng, pool)
+    choices, answer = _choices(rng, word, pool)
+    return Record(f"Which option says {word}?", choices, answer, "match", subject="training")
+
+
 _IMAGE_QUESTIONS = {
     "colour": q_colour,
     "shape": q_shape,
