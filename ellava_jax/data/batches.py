@@ -79,7 +79,6 @@ class TrainStream:
         seed: stream seed.
         p_caption: share of image rows that are captions rather than questions.
         p_stream: share of text rows that are text-stream rows rather than questions.
-        p_match: share of text rows that are option-lookup drills (`questions.q_match`).
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -98,12 +97,11 @@ class TrainStream:
         seed: int = 0,
         p_caption: float = 0.2,
         p_stream: float = 0.5,
-        p_match: float = 0.0,
         kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
-        self.p_caption, self.p_stream, self.p_match = p_caption, p_stream, p_match
+        self.p_caption, self.p_stream = p_caption, p_stream
         self.kind_weights = kind_weights
         self.rng = np.random.default_rng([seed, 17])
         image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
@@ -147,16 +145,12 @@ class TrainStream:
             if u < self.p_stream:
                 rows.append(self._stream_row())
                 kinds.append(2)
-            elif u < self.p_stream + self.p_match:
-                r = questions.q_match(self.rng)
-                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
-                kinds.append(0)
             else:
                 r, _ = next(self.text_q)
                 rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
                 kinds.append(0)
         out = pad_left(rows, self.length, self.pad, cut=True)
-        out["pixel_values"] = scenes.pixel_values(np.stack(pixels))
+        out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
         # weights of predicting token t+1 from position t: target_mask shifted left
         tgt = np.zeros_like(out["target_mask"], dtype=np.float32)
         tgt[:, :-1] = out["target_mask"][:, 1:]

@@ -130,7 +130,6 @@ def build_tokenizer(corpus: list[str]):
     words: set[str] = set()
     # the prompt's fixed parts, with every letter in both positions it takes
     extra = [f"USER: {IMAGE}\nContext: {INSTRUCTION} {CAPTION_REQUEST} ASSISTANT:"]
-    extra += ["Which option says"]
     extra += [f"\n{c}. {c}" for c in LETTERS]
     for text in [*corpus, *extra]:
         for part in text.split(IMAGE):  # specials are matched before pre-tokenizing

@@ -27,7 +27,7 @@ from ellava_jax.model import forward, init_params
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 900
     n_image_rows: int = 24
     n_text_rows: int = 8
     length: int = 160  # tokens per row: the longest prompt (context, 4 objects) is 153
@@ -35,10 +35,14 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     seed: int = 0
-    p_caption: float = 0.2
+    p_caption: float = 0.25
     p_stream: float = 0.5
-    p_match: float = 0.0
     log_every: int = 50
+    # an optional first, text-only phase (short rows, no vision): facts and text questions
+    text_steps: int = 0
+    text_length: int = 72
+    text_rows: int = 32
+    text_p_stream: float = 0.4
 
 
 def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 344) -> LlavaConfig:
@@ -97,10 +101,19 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         seed=tc.seed,
         p_caption=tc.p_caption,
         p_stream=tc.p_stream,
-        p_match=tc.p_match,
     )
+    text_stream = batches.TrainStream(
+        tok,
+        config.num_image_tokens,
+        0,
+        tc.text_rows,
+        tc.text_length,
+        seed=tc.seed + 1000,
+        p_stream=tc.text_p_stream,
+    )
+    total = tc.text_steps + tc.steps
     params = init_params(config, jax.random.key(tc.seed))
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, tc.steps, tc.lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
     opt = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=tc.weight_decay)
     )
@@ -116,15 +129,17 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
 
     keys = ("input_ids", "attention_mask", "pixel_values", "loss_weight", "row_kind")
     t0 = time.time()
-    for i in range(tc.steps):
-        b = next(stream)
+    for i in range(total):
+        b = next(text_stream if i < tc.text_steps else stream)
         params, opt_state, loss = step(params, opt_state, {k: b[k] for k in keys})
-        if i % tc.log_every == 0 or i == tc.steps - 1:
+        if i % tc.log_every == 0 or i == total - 1:
             q, c, s = (float(x) for x in loss)
             log(
                 f"step {i:5d}  loss question {q:.3f} caption {c:.3f} text {s:.3f}  "
                 f"{time.time() - t0:6.0f}s"
             )
+        if probe is not None and probe_every and i > 0 and i % probe_every == 0:
+            probe(i, params)
     return params
 
 
