@@ -27,22 +27,22 @@ from ellava_jax.model import forward, init_params
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 900
+    steps: int = 500
     n_image_rows: int = 24
     n_text_rows: int = 8
     length: int = 160  # tokens per row: the longest prompt (context, 4 objects) is 153
-    lr: float = 3e-3
-    warmup: int = 100
+    lr: float = 1e-3
+    warmup: int = 30
     weight_decay: float = 0.01
     seed: int = 0
     p_caption: float = 0.25
     p_stream: float = 0.5
     log_every: int = 50
-    # an optional first, text-only phase (short rows, no vision): facts and text questions
-    text_steps: int = 0
+    # a first, text-only phase (short rows, no vision, cheap): facts and text questions
+    text_steps: int = 800
     text_length: int = 72
     text_rows: int = 32
-    text_p_stream: float = 0.4
+    text_p_stream: float = 0.3
 
 
 def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 344) -> LlavaConfig:
