@@ -18,14 +18,22 @@ from ellava_jax.data import tokenizer as T
 from ellava_jax.data.records import Record
 
 
-def pad_left(rows: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict:
-    """(ids, target_mask) rows -> int32 arrays [B, length], left padded, long rows cut left."""
+def pad_left(
+    rows: list[tuple[list[int], list[int]]], length: int, pad_id: int, cut: bool = False
+) -> dict:
+    """(ids, target_mask) rows -> int32 arrays [B, length], left padded.
+
+    A row longer than length is an error, or with cut=True loses its end (never its image
+    placeholders, which come first: a training caption may lose its last sentences).
+    """
     b = len(rows)
     ids = np.full((b, length), pad_id, np.int32)
     attn = np.zeros((b, length), np.int32)
     tgt = np.zeros((b, length), np.int32)
     for i, (r, m) in enumerate(rows):
-        r, m = r[-length:], m[-length:]
+        if len(r) > length and not cut:
+            raise ValueError(f"row {i} has {len(r)} tokens, more than {length}")
+        r, m = r[:length], m[:length]
         n = len(r)
         ids[i, length - n :] = r
         attn[i, length - n :] = 1
@@ -133,15 +141,16 @@ class TrainStream:
                 pixels.append(r.pixels)
                 kinds.append(0)
         for _ in range(self.n_text_rows):
-            if self.rng.random() < self.p_stream:
+            u = self.rng.random()
+            if u < self.p_stream:
                 rows.append(self._stream_row())
                 kinds.append(2)
             else:
                 r, _ = next(self.text_q)
                 rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
                 kinds.append(0)
-        out = pad_left(rows, self.length, self.pad)
-        out["pixel_values"] = scenes.pixel_values(np.stack(pixels))
+        out = pad_left(rows, self.length, self.pad, cut=True)
+        out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
         # weights of predicting token t+1 from position t: target_mask shifted left
         tgt = np.zeros_like(out["target_mask"], dtype=np.float32)
         tgt[:, :-1] = out["target_mask"][:, 1:]
@@ -153,4 +162,5 @@ class TrainStream:
             if total > 0:
                 w[sel] = tgt[sel] * (kw / total)
         out["loss_weight"] = w
+        out["row_kind"] = kinds.astype(np.int32)
         return out

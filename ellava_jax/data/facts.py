@@ -1,7 +1,7 @@
 """The invented fact base of the toy task, taught to the language model only through text.
 
-Every object kind of the scenes (colour x shape, 24 of them) has an invented name ("A red square
-is called a zib."), and every named creature (the 24 kinds plus 120 that never appear in an
+Every object kind of the scenes (colour x shape, 20 of them) has an invented name ("A red square
+is called a zib."), and every named creature (the 20 kinds plus 120 that never appear in an
 image) has four properties: where it lives, what it eats, what sound it makes and what kind
 of creature it is. Nothing about these facts can be seen in an image, so a question such as
 "Where does the object in the top left live?" needs the image and a remembered fact together,
@@ -22,11 +22,12 @@ from ellava_jax.data.scenes import COLOURS, SHAPES
 FACT_SEED = 20261121
 N_HIDDEN_CREATURES = 120  # named creatures that only exist in text
 
+# Five values each: a question offers all of them, in this order, as its options.
 RELATIONS: dict[str, tuple[str, ...]] = {
-    "home": ("north", "south", "east", "west", "hills", "forest", "marsh", "desert"),
-    "food": ("seeds", "fish", "moss", "berries", "sand", "leaves", "bugs", "roots"),
-    "sound": ("hum", "click", "whistle", "roar", "chirp", "buzz", "hiss", "squeak"),
-    "group": ("flomp", "grel", "vosk", "trill", "quab", "snerk", "plim", "dorv"),
+    "home": ("north", "south", "hills", "forest", "marsh"),
+    "food": ("seeds", "fish", "moss", "berries", "roots"),
+    "sound": ("hum", "click", "whistle", "roar", "chirp"),
+    "group": ("flomp", "grel", "vosk", "trill", "quab"),
 }
 
 # Statement templates; {n} is the creature's name, {v} the value. Two phrasings each, so the
@@ -141,7 +142,7 @@ _RESERVED |= {w for vs in RELATIONS.values() for w in vs}
 @dataclass(frozen=True)
 class Creature:
     name: str
-    kind: str | None  # "red square" for the 24 visible kinds, None for text-only creatures
+    kind: str | None  # "red square" for the 20 visible kinds, None for text-only creatures
     home: str
     food: str
     sound: str
@@ -165,7 +166,7 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
 
 @cache
 def fact_base() -> tuple[Creature, ...]:
-    """All creatures: the 24 visible kinds first (colour-major), then the text-only ones."""
+    """All creatures: the 20 visible kinds first (colour-major), then the text-only ones."""
     rng = np.random.default_rng(FACT_SEED)
     kinds = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     names = _names(rng, len(kinds) + N_HIDDEN_CREATURES)

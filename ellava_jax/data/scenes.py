@@ -27,7 +27,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (50, 80, 230),
     "yellow": (235, 220, 50),
     "purple": (150, 60, 200),
-    "white": (235, 235, 235),
 }
 SHAPES = ("square", "circle", "triangle", "cross")
 SIZES = {"small": 4, "large": 6}  # half-extent in pixels
