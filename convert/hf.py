@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
+from ellava_jax.atomic import atomic_directory
 from ellava_jax.config import ConfigError, LlavaConfig
 from ellava_jax.model.llava import param_shapes
 
@@ -224,7 +224,19 @@ def save_hf_llava(
       copy_from: a directory whose tokenizer / processor files are copied along.
       max_shard_bytes: split the weights into shards of at most this size, with an index.
     """
-    path = os.fspath(path).rstrip("/")
+    tensors = _hf_tensors(config, params)
+    with atomic_directory(path) as tmp:
+        _write_hf_files(tmp, config, tensors, copy_from, max_shard_bytes)
+
+
+def write_hf_llava(directory: str, config: LlavaConfig, params: dict, *, copy_from=None) -> None:
+    """The files of `save_hf_llava` into an existing directory (for callers that make their
+    own atomic directory and add files beside the model's)."""
+    _write_hf_files(directory, config, _hf_tensors(config, params), copy_from, None)
+
+
+def _hf_tensors(config: LlavaConfig, params: dict) -> dict:
+    """Hub-layout key -> HF-shaped tensor; an error when params and config disagree."""
     expected = key_map(config)
     flat = dict(_flatten(params))
     missing = sorted(_hf_key(p) for p in {v[0] for v in expected.values()} - set(flat))
@@ -241,29 +253,18 @@ def save_hf_llava(
                 f"param {'/'.join(p)} has shape {x.shape}, config implies another"
             )
         tensors[key] = _to_hf(p, x)
+    return tensors
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        if copy_from is not None:
-            for name in _SIDE_FILES:
-                src = os.path.join(os.fspath(copy_from), name)
-                if os.path.exists(src):
-                    shutil.copy2(src, os.path.join(tmp, name))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf_config(), f, indent=2)
-        _write_weights(tmp, tensors, max_shard_bytes)
-        if os.path.exists(path):
-            old = path + ".old-" + os.path.basename(tmp)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+def _write_hf_files(out: str, config, tensors: dict, copy_from, max_shard_bytes) -> None:
+    if copy_from is not None:
+        for name in _SIDE_FILES:
+            src = os.path.join(os.fspath(copy_from), name)
+            if os.path.exists(src):
+                shutil.copy2(src, os.path.join(out, name))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config.to_hf_config(), f, indent=2)
+    _write_weights(out, tensors, max_shard_bytes)
 
 
 def _write_weights(out: str, tensors: dict, max_shard_bytes: int | None) -> None:
@@ -294,4 +295,11 @@ def _write_weights(out: str, tensors: dict, max_shard_bytes: int | None) -> None
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-__all__ = ["CheckpointError", "ConfigError", "key_map", "load_hf_llava", "save_hf_llava"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "key_map",
+    "load_hf_llava",
+    "save_hf_llava",
+    "write_hf_llava",
+]

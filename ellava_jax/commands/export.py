@@ -20,22 +20,13 @@ def add_arguments(p):
 
 def run(args) -> int:
     import os
-    import shutil
-    import tempfile
 
     from convert.onnx import export_model
+    from ellava_jax.atomic import atomic_directory
 
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
-    try:
+    with atomic_directory(out) as tmp:
         paths = export_model(args.model, tmp, head=not args.no_head)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for name, path in paths.items():
         print(f"{name}: {os.path.join(out, os.path.basename(path))}")
     return 0

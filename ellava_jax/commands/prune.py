@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 NAME = "prune"
 HELP = "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA directory."
@@ -65,7 +63,8 @@ def calibration_batches(args, config, model_dir):
 
 
 def run(args) -> int:
-    from convert.hf import save_hf_llava
+    from convert.hf import write_hf_llava
+    from ellava_jax.atomic import atomic_directory
     from ellava_jax.models import load_model
     from ellava_jax.prune.hessian import build_calibration_set
     from ellava_jax.prune.masks import (
@@ -94,13 +93,8 @@ def run(args) -> int:
     summary = sparsity_summary(config, pruned)
 
     out = os.path.abspath(args.out)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
-    try:
-        model_out = os.path.join(tmp, "model")
-        save_hf_llava(model_out, config, pruned, copy_from=model_dir)
-        for name in os.listdir(model_out):
-            os.rename(os.path.join(model_out, name), os.path.join(tmp, name))
-        os.rmdir(model_out)
+    with atomic_directory(out) as tmp:
+        write_hf_llava(tmp, config, pruned, copy_from=model_dir)
         save_masks(os.path.join(tmp, "masks.npz"), masks_from_params(config, pruned))
         report = {
             "model": model_dir or args.model,
@@ -114,12 +108,6 @@ def run(args) -> int:
         }
         with open(os.path.join(tmp, "sparsity.json"), "w") as f:
             json.dump(report, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(format_summary(summary))
     print(f"wrote {out} ({stats.pruner_calls} pruner calls, {stats.seconds:.1f} s)")
     if args.json:
