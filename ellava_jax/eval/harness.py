@@ -135,14 +135,12 @@ def evaluate_records(
 
 @partial(jax.jit, static_argnums=0)
 def _nll(config, params, ids, mask):
-    from ellava_jax.search.fitness import next_token_targets
+    from ellava_jax.search.fitness import next_token_targets, token_loss_sum
 
     embeds = embed_inputs(config, params, ids, None)
     logits, _ = decode(config, params, embeds, mask)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     labels, lmask = next_token_targets(config, ids, mask)
-    tok = jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-    return -(tok * lmask).sum(), lmask.sum()
+    return token_loss_sum(logits, labels, lmask)
 
 
 def perplexity(

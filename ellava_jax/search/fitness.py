@@ -94,20 +94,30 @@ def _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4):
     return jax.vmap(one)(kern, h)
 
 
+def token_loss_sum(logits, labels, label_mask, dense_logp=None):
+    """(sum over masked positions, count): next-token NLL, or KL(dense || model) when
+    `dense_logp` (the dense model's log-probabilities) is given. logits [..., T, V]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if dense_logp is None:
+        per_tok = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    else:
+        per_tok = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
+    return (per_tok * label_mask).sum(), label_mask.sum()
+
+
+def _mean_token_loss(logits, labels, label_mask, dense_logp):
+    total, count = token_loss_sum(logits, labels, label_mask, dense_logp)
+    return total / jnp.maximum(count, 1.0)
+
+
 def _head_losses(config, params, h, labels, label_mask, dense_logp):
     """Per-candidate mean loss from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
     norm = RMSNorm(config.text.rms_norm_eps)
     norm_p = {"params": params["language_model"]["norm"]}
-    denom = jnp.maximum(label_mask.sum(), 1.0)
 
     def one(hp):
-        logits = lm_head(config, params, norm.apply(norm_p, hp)).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        if dense_logp is None:
-            tok = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-            return -(tok * label_mask).sum() / denom
-        kl = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
-        return (kl * label_mask).sum() / denom
+        logits = lm_head(config, params, norm.apply(norm_p, hp))
+        return _mean_token_loss(logits, labels, label_mask, dense_logp)
 
     return jax.lax.map(one, h)
 
@@ -225,13 +235,7 @@ def single_loss(config, params, embeds, mask, labels, label_mask, dense_logp=Non
     from ellava_jax.model.llava import decode
 
     logits, _ = decode(config, params, embeds, mask)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    denom = jnp.maximum(label_mask.sum(), 1.0)
-    if dense_logp is None:
-        tok = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-        return -(tok * label_mask).sum() / denom
-    kl = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
-    return (kl * label_mask).sum() / denom
+    return _mean_token_loss(logits, labels, label_mask, dense_logp)
 
 
 def loop_losses(config, params, db, space, idx, batch: ProxyBatch, dense_logp=None) -> np.ndarray:
