@@ -51,6 +51,12 @@ _SOWN = {
 }
 
 
+def left_pad(a: np.ndarray, t: int, value=0) -> np.ndarray:
+    """Pads axis 1 of `a` on the left to length t (rows of tokens, masks or embeddings)."""
+    pad = [(0, 0), (t - a.shape[1], 0)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad, constant_values=value)
+
+
 @dataclass(frozen=True)
 class CalibrationSet:
     """Decoder inputs of the proxy samples: embeddings (images merged in) and padding mask."""
@@ -89,12 +95,10 @@ def build_calibration_set(
             embeds.append(np.asarray(_embed(config, params, jnp.asarray(ids[sl]), p)))
             masks.append(mask[sl])
     t = max(e.shape[1] for e in embeds)
-    h = embeds[0].shape[2]
-    pad_e = [
-        np.concatenate([np.zeros((e.shape[0], t - e.shape[1], h), e.dtype), e], 1) for e in embeds
-    ]
-    pad_m = [np.concatenate([np.zeros((m.shape[0], t - m.shape[1]), m.dtype), m], 1) for m in masks]
-    return CalibrationSet(jnp.asarray(np.concatenate(pad_e)), jnp.asarray(np.concatenate(pad_m)))
+    embeds = np.concatenate([left_pad(e, t) for e in embeds])
+    return CalibrationSet(
+        jnp.asarray(embeds), jnp.asarray(np.concatenate([left_pad(m, t) for m in masks]))
+    )
 
 
 @partial(jax.jit, static_argnums=0)

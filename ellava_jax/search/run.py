@@ -28,7 +28,7 @@ import numpy as np
 from ellava_jax import ckpt
 from ellava_jax.model.llava import embed_text, vision_features
 from ellava_jax.prune.database import build_database
-from ellava_jax.prune.hessian import build_calibration_set
+from ellava_jax.prune.hessian import build_calibration_set, left_pad
 from ellava_jax.prune.masks import masks_from_params, save_masks, sparsity_summary
 from ellava_jax.prune.pipeline import prune_model
 from ellava_jax.search.evolve import evolve
@@ -45,11 +45,6 @@ from ellava_jax.search.proxy_sources import ProxyData, load_proxy
 log = logging.getLogger(__name__)
 
 
-def _left_pad(a: np.ndarray, t: int, value=0) -> np.ndarray:
-    pad = [(0, 0), (t - a.shape[1], 0)] + [(0, 0)] * (a.ndim - 2)
-    return np.pad(a, pad, constant_values=value)
-
-
 class FitnessBatches:
     """The fitness's proxy batch (text segments + multimodal samples) for a given projector."""
 
@@ -57,13 +52,13 @@ class FitnessBatches:
         self.config = config
         t = max(proxy.text_ids.shape[1], proxy.mm_ids.shape[1] if len(proxy.mm_ids) else 0)
         self.t = t
-        self.text_ids = _left_pad(proxy.text_ids, t)
-        self.text_mask = _left_pad(proxy.text_mask, t)
+        self.text_ids = left_pad(proxy.text_ids, t)
+        self.text_mask = left_pad(proxy.text_mask, t)
         self.has_mm = len(proxy.mm_ids) > 0
         emb = jax.jit(embed_text, static_argnums=0)
         self.text_embeds = emb(config, params, jnp.asarray(self.text_ids))
         if self.has_mm:
-            ids, mask = _left_pad(proxy.mm_ids, t), _left_pad(proxy.mm_mask, t)
+            ids, mask = left_pad(proxy.mm_ids, t), left_pad(proxy.mm_mask, t)
             vf = jax.jit(vision_features, static_argnums=0)(
                 config, params, jnp.asarray(proxy.mm_pixels)
             )
