@@ -129,7 +129,7 @@ def build_tokenizer(corpus: list[str]):
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     words: set[str] = set()
     # the prompt's fixed parts, with every letter in both positions it takes
-    extra = [f"USER: {IMAGE}\nContext: {INSTRUCTION} {CAPTION_REQUEST} ASSISTANT:"]
+    extra = [f"USER: {IMAGE}\nContext: {INSTRUCTION} ASSISTANT:", f"{IMAGE}\n{CAPTION_REQUEST}"]
     extra += [f"\n{c}. {c}" for c in LETTERS]
     for text in [*corpus, *extra]:
         for part in text.split(IMAGE):  # specials are matched before pre-tokenizing

@@ -43,6 +43,15 @@ class TrainConfig:
     text_length: int = 72
     text_rows: int = 32
     text_p_stream: float = 0.3
+    # Kernels of the vision tower and the decoder start at std 0.02 * init_scale. At HF's 0.02
+    # the toy's attention stays near uniform for ~700 steps before it learns to route a question
+    # to the image region it names; at 4x that happens in about half the steps.
+    init_scale: float = 4.0
+    # The CLIP position embeddings start at this std (HF: 0.02). Questions name places ("the
+    # object in the top left") and vary in length, so the decoder cannot find a place by its
+    # rotary distance; it needs the place in the visual tokens' content, and at 0.02 that
+    # signal is drowned by the patch content (2-object probe: 71% -> 87% at 800 steps).
+    pos_init_std: float = 1.0
 
 
 def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 344) -> LlavaConfig:
@@ -74,6 +83,17 @@ def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 3
         image_token_index=4,
         image_seq_length=scenes.num_visual_tokens(),
     )
+
+
+def _scale_kernels(params: dict, factor: float) -> dict:
+    """Multiplies the linear kernels of the vision tower and the decoder by factor."""
+
+    def scale(path, x):
+        names = [getattr(k, "key", str(k)) for k in path]
+        inside = names[0] == "vision_tower" or names[0] == "language_model"
+        return x * factor if inside and names[-1] == "kernel" else x
+
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def _loss(config: LlavaConfig, params, batch) -> jax.Array:
@@ -112,7 +132,9 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         p_stream=tc.text_p_stream,
     )
     total = tc.text_steps + tc.steps
-    params = init_params(config, jax.random.key(tc.seed))
+    params = _scale_kernels(init_params(config, jax.random.key(tc.seed)), tc.init_scale)
+    emb = params["vision_tower"]["vision_model"]["embeddings"]["position_embedding"]
+    emb["embedding"] = emb["embedding"] * (tc.pos_init_std / 0.02)
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
     opt = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=tc.weight_decay)
