@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=344)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--n-test", type=int, default=None, help="score only the first N test items")
     ap.add_argument("--probe-every", type=int, default=0, help="validation score every N steps")
     args = ap.parse_args(argv)
@@ -39,7 +41,9 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     tok = T.build_toy_tokenizer()
-    config = toy_config = toy.toy_config(tok.get_vocab_size(), args.hidden, args.layers, args.mlp)
+    config = toy_config = toy.toy_config(
+        tok.get_vocab_size(), args.hidden, args.layers, args.mlp, args.heads, args.kv_heads
+    )
     print(f"vocab {tok.get_vocab_size()}, {tc}", flush=True)
     val = [r for r, _ in questions.generate_split("validation", 300)]
 

@@ -268,3 +268,49 @@ def test_magnitude_prune_hits_only_decoder_linears():
         else:
             assert zeros == 0, names
     assert n_pruned == 2
+
+
+def test_cell_targets_follow_the_pixels():
+    """Each visual token's cell (CLIP's row-major patch order) holds the objects drawn there."""
+    cells = scenes.patch_cells()
+    grid = cells.reshape(8, 8)
+    assert (grid[:4, :4] == 0).all() and (grid[:4, 4:] == 1).all()
+    assert (grid[4:, :4] == 2).all() and (grid[4:, 4:] == 3).all()
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        s = scenes.sample_scene(rng)
+        t = scenes.cell_targets(s)
+        fg = (scenes.render(s) != s.background).any(-1)  # [32, 32] object pixels
+        patch_fg = fg.reshape(8, 4, 8, 4).any(axis=(1, 3)).reshape(-1)
+        assert patch_fg.any()
+        assert (t[cells[patch_fg], 0] > 0).all()  # object pixels only where a cell has one
+        for cell in range(4):
+            o = s.at(cell)
+            if o is None:
+                assert t[cell].tolist() == [0, 0, 0]
+            else:
+                assert scenes.SHAPES[t[cell, 1] - 1] == o.shape
+                assert list(scenes.COLOURS)[t[cell, 0] - 1] == o.colour
+                assert list(scenes.SIZES)[t[cell, 2] - 1] == o.size
+
+
+def test_train_stream_multi_turn_rows(tok):
+    from ellava_jax.data.batches import TrainStream
+
+    st = TrainStream(tok, 64, 8, 0, length=224, seed=2, p_caption=0.0, turns=3)
+    b = next(st)
+    eos, image = T.token_id(tok, T.EOS), T.token_id(tok, T.IMAGE)
+    letters = set(T.letter_ids(tok))
+    turns = []
+    for ids, attn, tgt in zip(b["input_ids"], b["attention_mask"], b["target_mask"]):
+        ids, tgt = ids[attn == 1], tgt[attn == 1]
+        assert (ids == image).sum() == 64  # one image, placeholders only in the first turn
+        text = tok.decode(ids.tolist(), skip_special_tokens=False)
+        n = int((ids == eos).sum())
+        assert text.count("USER:") == text.count("ASSISTANT:") == n
+        # every turn's letter and eos are targets, nothing else is
+        assert sorted(ids[tgt == 1].tolist()).count(eos) == n
+        assert all(int(i) in letters or i == eos for i in ids[tgt == 1])
+        turns.append(n)
+    assert max(turns) > 1 and max(turns) <= 3
+    assert b["cell_targets"].shape == (8, 4, 3)

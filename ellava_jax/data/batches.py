@@ -79,6 +79,8 @@ class TrainStream:
         seed: stream seed.
         p_caption: share of image rows that are captions rather than questions.
         p_stream: share of text rows that are text-stream rows rather than questions.
+        turns: image-question rows hold up to this many question turns about their image
+            (LLaVA's multi-turn rows): more answers learned per visual token computed.
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -98,11 +100,13 @@ class TrainStream:
         p_caption: float = 0.2,
         p_stream: float = 0.5,
         kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
+        turns: int = 1,
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
         self.p_caption, self.p_stream = p_caption, p_stream
         self.kind_weights = kind_weights
+        self.turns = turns
         self.rng = np.random.default_rng([seed, 17])
         image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
         self.image_q = questions.iter_records("train", seed=seed, weights=image_w)
@@ -128,17 +132,25 @@ class TrainStream:
         return self
 
     def __next__(self) -> dict:
-        rows, pixels, kinds = [], [], []  # kind: 0 question, 1 caption, 2 stream
+        rows, pixels, kinds, cells = [], [], [], []  # kind: 0 question, 1 caption, 2 stream
         for _ in range(self.n_image_rows):
             if self.rng.random() < self.p_caption:
                 s = next(self.captions)
                 rows.append(T.encode_caption(self.tok, s.text, self.n_img_tok))
                 pixels.append(s.pixels)
+                cells.append(scenes.cell_targets(s.scene))
                 kinds.append(1)
             else:
-                r, _ = next(self.image_q)
-                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
+                r, scene = next(self.image_q)
+                ids, mask = T.encode_record(self.tok, r, self.n_img_tok, with_answer=True)
+                for r2 in questions.more_records(self.rng, scene, self.turns - 1):
+                    i2, m2 = T.encode_followup(self.tok, r2)
+                    if len(ids) + len(i2) > self.length:
+                        break
+                    ids, mask = ids + i2, mask + m2
+                rows.append((ids, mask))
                 pixels.append(r.pixels)
+                cells.append(scenes.cell_targets(scene))
                 kinds.append(0)
         for _ in range(self.n_text_rows):
             u = self.rng.random()
@@ -151,6 +163,7 @@ class TrainStream:
                 kinds.append(0)
         out = pad_left(rows, self.length, self.pad, cut=True)
         out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
+        out["cell_targets"] = np.stack(cells) if cells else None  # [B_img, 4, 3]
         # weights of predicting token t+1 from position t: target_mask shifted left
         tgt = np.zeros_like(out["target_mask"], dtype=np.float32)
         tgt[:, :-1] = out["target_mask"][:, 1:]

@@ -21,7 +21,11 @@ PROXY_CODE = 7  # seed stream of proxy text, apart from every split's question s
 
 
 def describe(scene: Scene, rng: np.random.Generator | None = None) -> str:
-    """Plain description of a scene: object count, then each object with size, kind, cell."""
+    """Plain description of a scene: object count, then each object's cell, size and kind.
+
+    The cell comes first ("In the top left is a large red square."), so that a caption teaches
+    the decoder what questions ask of it: to find the object a place names and read it.
+    """
     objs = list(scene.objects)
     if rng is not None:
         objs = [objs[i] for i in rng.permutation(len(objs))]
@@ -29,7 +33,7 @@ def describe(scene: Scene, rng: np.random.Generator | None = None) -> str:
     head = "There is one object." if n == 1 else f"There are {NUMBERS[n]} objects."
     parts = [head]
     for o in objs:
-        parts.append(f"A {o.size} {o.kind} is in the {o.position}.")
+        parts.append(f"In the {o.position} is a {o.size} {o.kind}.")
     return " ".join(parts)
 
 

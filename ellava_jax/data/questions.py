@@ -234,6 +234,18 @@ def make_record(rng: np.random.Generator, scene: Scene | None, category: str) ->
     return Record(q, choices, answer, category, context=context, subject=subject, pixels=pixels)
 
 
+def more_records(rng: np.random.Generator, scene: Scene, n: int) -> list[Record]:
+    """Up to n further image questions about one scene (categories drawn as CATEGORY_WEIGHTS)."""
+    cats = [c for c in CATEGORY_WEIGHTS if c != "recall"]
+    p = np.asarray([CATEGORY_WEIGHTS[c] for c in cats], np.float64)
+    out = []
+    for _ in range(n):
+        rec = make_record(rng, scene, cats[int(rng.choice(len(cats), p=p / p.sum()))])
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
 def iter_records(
     split: str, seed: int | None = None, weights: dict[str, float] | None = None
 ) -> Iterator[tuple[Record, Scene | None]]:

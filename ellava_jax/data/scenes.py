@@ -191,6 +191,30 @@ def image_processor_config() -> dict:
     }
 
 
+def cell_targets(scene: Scene) -> np.ndarray:
+    """What each grid cell holds, as class ids: int32 [4, 3] of (colour, shape, size).
+
+    0 means an empty cell; colour 1..5, shape 1..4 and size 1..2 follow COLOURS, SHAPES and
+    SIZES. Training supervises the vision tower with it (`data.train`), never evaluation.
+    """
+    out = np.zeros((4, 3), np.int32)
+    colours, sizes = list(COLOURS), list(SIZES)
+    for o in scene.objects:
+        out[o.cell] = (
+            colours.index(o.colour) + 1,
+            SHAPES.index(o.shape) + 1,
+            sizes.index(o.size) + 1,
+        )
+    return out
+
+
+def patch_cells(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> np.ndarray:
+    """The grid cell (0..3, as POSITIONS) of each visual token, in CLIP's row-major patch order."""
+    g = image_size // patch_size
+    py, px = np.divmod(np.arange(g * g), g)
+    return ((py * 2 // g) * 2 + px * 2 // g).astype(np.int32)
+
+
 def num_visual_tokens(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> int:
     """Visual tokens per image under LLaVA's `default` strategy (CLS dropped)."""
     return (image_size // patch_size) ** 2

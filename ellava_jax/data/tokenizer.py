@@ -18,6 +18,7 @@ before tokenizing, and the model puts the projected image features at those posi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def encode_record(
         ans = encode_text(tok, format_answer(record), add_bos=False) + [token_id(tok, EOS)]
         ids, mask = ids + ans, mask + [1] * len(ans)
     return ids, mask
+
+
+def encode_followup(tok, record: Record) -> tuple[list[int], list[int]]:
+    """A further turn about the same image, as LLaVA's multi-turn training rows hold them.
+
+    "USER: {question and options} ASSISTANT: {letter}</s>" (no image line, no bos), to be
+    appended to a row that `encode_record(..., with_answer=True)` began. Target mask as there.
+    """
+    text = format_prompt(dataclasses.replace(record, image=None, pixels=None))
+    ids = encode_text(tok, text, add_bos=False)
+    ans = encode_text(tok, format_answer(record), add_bos=False) + [token_id(tok, EOS)]
+    return ids + ans, [0] * len(ids) + [1] * len(ans)
 
 
 def encode_caption(tok, text: str, num_image_tokens: int) -> tuple[list[int], list[int]]:
@@ -187,4 +200,6 @@ def build_toy_tokenizer():
     for split, n in (("train", 4000), ("validation", None), ("test", None)):
         for rec, _ in generate_split(split, n):
             corpus.append(format_prompt(rec) + format_answer(rec))
+            # the same prompt as a follow-up turn (no image line), as training rows hold it
+            corpus.append(format_prompt(dataclasses.replace(rec, image=None, pixels=None)))
     return build_tokenizer(corpus)

@@ -1,8 +1,11 @@
 """Training of the toy LLaVA on the synthetic task, with the project's Flax model and optax.
 
-One run mixes image questions, image captions, text-only questions and the text stream that
-states the fact base (see `batches.TrainStream`), trains every parameter with AdamW and a
-warmup-cosine schedule, and is deterministic in its seed. `scripts/train_toy.py` is the launcher;
+Three stages, deterministic in the seed: (1) `pretrain_vision`: the vision tower and projector
+alone learn to name, on every visual token, what its grid cell holds (an auxiliary linear head,
+dropped afterwards); (2) a text-only phase (facts and text questions, short rows); (3) the mixed
+phase: image questions (optionally several turns a row), image captions, text-only questions
+and the text stream that states the fact base (see `batches.TrainStream`), every parameter
+trained with AdamW and a warmup-cosine schedule, the auxiliary vision loss kept on. `scripts/train_toy.py` is the launcher;
 `score` and `magnitude_prune` are the quick checks it reports (the harness of record is
 `ellava eval`).
 """
@@ -23,6 +26,7 @@ from ellava_jax.data import batches, scenes
 from ellava_jax.data import tokenizer as T
 from ellava_jax.data.records import Record
 from ellava_jax.model import forward, init_params
+from ellava_jax.model.llava import decode, embed_image, embed_text, merge_image_features
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,26 @@ class TrainConfig:
     # rotary distance; it needs the place in the visual tokens' content, and at 0.02 that
     # signal is drowned by the patch content (2-object probe: 71% -> 87% at 800 steps).
     pos_init_std: float = 1.0
+    # Weight of the auxiliary vision loss: a linear head on the projected visual tokens names
+    # the colour, shape and size of the object in each token's grid cell. It gives the tower a
+    # dense signal from the first step (the answer letter is one token a row); the head is
+    # dropped after training and is not part of the shipped model.
+    aux_weight: float = 1.0
+    # stage 1 (`pretrain_vision`): the tower and projector alone on the aux loss
+    vision_steps: int = 1000
+    vision_batch: int = 64
+    vision_lr: float = 3e-3
+    turns: int = 1  # question turns per image-question row (batches.TrainStream)
 
 
-def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 344) -> LlavaConfig:
+def toy_config(
+    vocab_size: int,
+    hidden: int = 128,
+    layers: int = 4,
+    mlp: int = 344,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> LlavaConfig:
     """The toy LLaVA: 32x32 images, patch 4 (64 visual tokens), a small CLIP and LLaMA."""
     return LlavaConfig(
         vision=VisionConfig(
@@ -71,9 +92,9 @@ def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 3
             hidden_size=hidden,
             intermediate_size=mlp,
             num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=hidden // heads,
             rms_norm_eps=1e-6,
             max_position_embeddings=256,
             bos_token_id=1,
@@ -83,6 +104,14 @@ def toy_config(vocab_size: int, hidden: int = 128, layers: int = 4, mlp: int = 3
         image_token_index=4,
         image_seq_length=scenes.num_visual_tokens(),
     )
+
+
+def init_toy_params(config: LlavaConfig, tc: TrainConfig) -> dict:
+    """The seeded starting point: HF's init, kernels and CLIP positions rescaled (TrainConfig)."""
+    params = _scale_kernels(init_params(config, jax.random.key(tc.seed)), tc.init_scale)
+    emb = params["vision_tower"]["vision_model"]["embeddings"]["position_embedding"]
+    emb["embedding"] = emb["embedding"] * (tc.pos_init_std / 0.02)
+    return params
 
 
 def _scale_kernels(params: dict, factor: float) -> dict:
@@ -96,15 +125,83 @@ def _scale_kernels(params: dict, factor: float) -> dict:
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
-def _loss(config: LlavaConfig, params, batch) -> jax.Array:
-    logits = forward(
-        config, params, batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
-    )
+# per visual token: the colour, shape and size of the object in its grid cell (0 = none),
+# and the cell itself
+_AUX_CLASSES = (len(scenes.COLOURS) + 1, len(scenes.SHAPES) + 1, len(scenes.SIZES) + 1, 4)
+
+
+def _aux_init(config: LlavaConfig, key) -> dict:
+    n = sum(_AUX_CLASSES)
+    k = jax.random.normal(key, (config.text.hidden_size, n), jnp.float32) * 0.02
+    return {"kernel": k, "bias": jnp.zeros((n,), jnp.float32)}
+
+
+def _aux_loss(aux: dict, image_features, cell_targets) -> jax.Array:
+    """Sum over the four attributes of the mean cross-entropy of reading them off each token.
+
+    image_features [B_img, N, H] (projected); cell_targets [B_img, 4, 3] (`scenes.cell_targets`).
+    """
+    cells = jnp.asarray(scenes.patch_cells())  # [N]
+    target = cell_targets[:, cells]  # [B_img, N, 3]
+    where = jnp.broadcast_to(cells[None, :, None], target[..., :1].shape)
+    target = jnp.concatenate([target, where], axis=-1)  # [B_img, N, 4]
+    logits = image_features @ aux["kernel"] + aux["bias"]  # [B_img, N, sum(_AUX_CLASSES)]
+    total, start = 0.0, 0
+    for j, n in enumerate(_AUX_CLASSES):
+        logp = jax.nn.log_softmax(logits[..., start : start + n], axis=-1)
+        total = total - jnp.mean(jnp.take_along_axis(logp, target[..., j, None], axis=-1))
+        start += n
+    return total
+
+
+def pretrain_vision(config: LlavaConfig, params: dict, aux: dict, tc: TrainConfig, log=print):
+    """Stage 1: the vision tower and projector alone learn to read each cell (the aux loss).
+
+    Cheap (no decoder in the loop): it hands the decoder clean visual tokens from its first step.
+    Returns (params, aux) with the tower, projector and head updated.
+    """
+    stream = scenes.iter_split_scenes("train", [tc.seed, 23])
+    names = ("vision_tower", "multi_modal_projector")
+    state = {"tower": {k: params[k] for k in names}, "aux": aux}
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.vision_lr, tc.warmup, tc.vision_steps)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    opt_state = opt.init(state)
+
+    @jax.jit
+    def step(state, opt_state, px, cells):
+        def loss(s):
+            feats = embed_image(config, {**params, **s["tower"]}, px)
+            return _aux_loss(s["aux"], feats, cells)
+
+        value, grads = jax.value_and_grad(loss)(state)
+        updates, opt_state = opt.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, value
+
+    t0 = time.time()
+    for i in range(tc.vision_steps):
+        batch = [next(stream) for _ in range(tc.vision_batch)]
+        px = scenes.pixel_values(np.stack([scenes.render(sc) for sc in batch]))
+        cells = np.stack([scenes.cell_targets(sc) for sc in batch])
+        state, opt_state, value = step(state, opt_state, px, cells)
+        if i % tc.log_every == 0 or i == tc.vision_steps - 1:
+            log(f"vision step {i:5d}  loss {float(value):.3f}  {time.time() - t0:6.0f}s")
+    return {**params, **state["tower"]}, state["aux"]
+
+
+def _loss(config: LlavaConfig, params, aux, batch, aux_weight: float):
+    embeds = embed_text(config, params, batch["input_ids"])
+    aux_term = jnp.float32(0.0)
+    if batch["pixel_values"] is not None:
+        feats = embed_image(config, params, batch["pixel_values"])
+        embeds = merge_image_features(config, batch["input_ids"], embeds, feats)
+        aux_term = _aux_loss(aux, feats, batch["cell_targets"])
+    logits, _ = decode(config, params, embeds, batch["attention_mask"])
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
     per_row = jnp.sum(nll * batch["loss_weight"][:, :-1], axis=1)  # [B]
     kinds = jax.nn.one_hot(batch["row_kind"], 3)  # question, caption, stream
-    return jnp.sum(per_row), per_row @ kinds
+    parts = jnp.concatenate([per_row @ kinds, aux_term[None]])
+    return jnp.sum(per_row) + aux_weight * aux_term, parts
 
 
 def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, probe_every=0) -> dict:
@@ -121,6 +218,7 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         seed=tc.seed,
         p_caption=tc.p_caption,
         p_stream=tc.p_stream,
+        turns=tc.turns,
     )
     text_stream = batches.TrainStream(
         tok,
@@ -132,37 +230,41 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         p_stream=tc.text_p_stream,
     )
     total = tc.text_steps + tc.steps
-    params = _scale_kernels(init_params(config, jax.random.key(tc.seed)), tc.init_scale)
-    emb = params["vision_tower"]["vision_model"]["embeddings"]["position_embedding"]
-    emb["embedding"] = emb["embedding"] * (tc.pos_init_std / 0.02)
+    params = init_toy_params(config, tc)
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
     opt = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=tc.weight_decay)
     )
-    opt_state = opt.init(params)
+    aux = _aux_init(config, jax.random.key(tc.seed + 1))
+    if tc.vision_steps:
+        params, aux = pretrain_vision(config, params, aux, tc, log)
+    state = {"model": params, "aux": aux}
+    opt_state = opt.init(state)
 
     @jax.jit
-    def step(params, opt_state, batch):
-        (_, parts), grads = jax.value_and_grad(lambda p: _loss(config, p, batch), has_aux=True)(
-            params
-        )
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, parts
+    def step(state, opt_state, batch):
+        def loss(s):
+            return _loss(config, s["model"], s["aux"], batch, tc.aux_weight)
+
+        (_, parts), grads = jax.value_and_grad(loss, has_aux=True)(state)
+        updates, opt_state = opt.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, parts
 
     keys = ("input_ids", "attention_mask", "pixel_values", "loss_weight", "row_kind")
+    keys += ("cell_targets",)
     t0 = time.time()
     for i in range(total):
         b = next(text_stream if i < tc.text_steps else stream)
-        params, opt_state, loss = step(params, opt_state, {k: b[k] for k in keys})
+        state, opt_state, loss = step(state, opt_state, {k: b[k] for k in keys})
         if i % tc.log_every == 0 or i == total - 1:
-            q, c, s = (float(x) for x in loss)
+            q, c, s, a = (float(x) for x in loss)
             log(
-                f"step {i:5d}  loss question {q:.3f} caption {c:.3f} text {s:.3f}  "
-                f"{time.time() - t0:6.0f}s"
+                f"step {i:5d}  loss question {q:.3f} caption {c:.3f} text {s:.3f} "
+                f"vision {a:.3f}  {time.time() - t0:6.0f}s"
             )
         if probe is not None and probe_every and i > 0 and i % probe_every == 0:
-            probe(i, params)
-    return params
+            probe(i, state["model"])
+    return state["model"]
 
 
 def _last_logits(config: LlavaConfig, params, input_ids, attention_mask, pixel_values):
