@@ -236,14 +236,20 @@ def make_record(rng: np.random.Generator, scene: Scene | None, category: str) ->
 
 def more_records(rng: np.random.Generator, scene: Scene, n: int) -> list[Record]:
     """Up to n further image questions about one scene (categories drawn as CATEGORY_WEIGHTS)."""
-    cats = [c for c in CATEGORY_WEIGHTS if c != "recall"]
-    p = np.asarray([CATEGORY_WEIGHTS[c] for c in cats], np.float64)
+    cats, p = _mixture({c: w for c, w in CATEGORY_WEIGHTS.items() if c != "recall"})
     out = []
     for _ in range(n):
-        rec = make_record(rng, scene, cats[int(rng.choice(len(cats), p=p / p.sum()))])
+        rec = make_record(rng, scene, cats[int(rng.choice(len(cats), p=p))])
         if rec is not None:
             out.append(rec)
     return out
+
+
+def _mixture(weights: dict[str, float]) -> tuple[list[str], np.ndarray]:
+    """Categories and their normalised probabilities."""
+    cats = list(weights)
+    p = np.asarray([weights[c] for c in cats], np.float64)
+    return cats, p / p.sum()
 
 
 def iter_records(
@@ -256,10 +262,7 @@ def iter_records(
         seed: extra seed (e.g. a training epoch); None is the split's canonical stream.
         weights: category mixture; CATEGORY_WEIGHTS by default.
     """
-    weights = CATEGORY_WEIGHTS if weights is None else weights
-    cats = list(weights)
-    p = np.asarray([weights[c] for c in cats], np.float64)
-    p = p / p.sum()
+    cats, p = _mixture(CATEGORY_WEIGHTS if weights is None else weights)
     extra = [] if seed is None else [seed]
     scene_stream = scenes.iter_split_scenes(split, [TASK_SEED, SPLIT_CODES[split], *extra])
     rng = np.random.default_rng([TASK_SEED, SPLIT_CODES[split], 1000, *extra])

@@ -92,9 +92,14 @@ def encode_record(
     ids = encode_text(tok, prompt)
     mask = [0] * len(ids)
     if with_answer:
-        ans = encode_text(tok, format_answer(record), add_bos=False) + [token_id(tok, EOS)]
+        ans = _answer_ids(tok, record)
         ids, mask = ids + ans, mask + [1] * len(ans)
     return ids, mask
+
+
+def _answer_ids(tok, record: Record) -> list[int]:
+    """The reply's tokens: the answer letter and eos."""
+    return encode_text(tok, format_answer(record), add_bos=False) + [token_id(tok, EOS)]
 
 
 def encode_followup(tok, record: Record) -> tuple[list[int], list[int]]:
@@ -105,7 +110,7 @@ def encode_followup(tok, record: Record) -> tuple[list[int], list[int]]:
     """
     text = format_prompt(dataclasses.replace(record, image=None, pixels=None))
     ids = encode_text(tok, text, add_bos=False)
-    ans = encode_text(tok, format_answer(record), add_bos=False) + [token_id(tok, EOS)]
+    ans = _answer_ids(tok, record)
     return ids + ans, [0] * len(ids) + [1] * len(ans)
 
 
