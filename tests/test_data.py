@@ -314,3 +314,12 @@ def test_train_stream_multi_turn_rows(tok):
         turns.append(n)
     assert max(turns) > 1 and max(turns) <= 3
     assert b["cell_targets"].shape == (8, 4, 3)
+
+
+def test_crowded_question_stream():
+    """min_objects draws only scenes that crowded (the curriculum); the default is the mix."""
+    crowded = questions.iter_records("train", seed=3, min_objects=4)
+    counts = [len(s.objects) for _, s in _take(crowded, 60) if s is not None]
+    assert counts and set(counts) == {4}
+    natural = [len(s.objects) for _, s in _take(questions.iter_records("train", seed=3), 200) if s]
+    assert set(natural) == {1, 2, 3, 4}

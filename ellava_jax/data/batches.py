@@ -81,6 +81,7 @@ class TrainStream:
         p_stream: share of text rows that are text-stream rows rather than questions.
         turns: image-question rows hold up to this many question turns about their image
             (LLaVA's multi-turn rows): more answers learned per visual token computed.
+        min_objects: fewest objects in a question's scene (captions keep the natural mix).
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -101,6 +102,7 @@ class TrainStream:
         p_stream: float = 0.5,
         kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
         turns: int = 1,
+        min_objects: int = 1,
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
@@ -109,7 +111,9 @@ class TrainStream:
         self.turns = turns
         self.rng = np.random.default_rng([seed, 17])
         image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
-        self.image_q = questions.iter_records("train", seed=seed, weights=image_w)
+        self.image_q = questions.iter_records(
+            "train", seed=seed, weights=image_w, min_objects=min_objects
+        )
         self.text_q = questions.iter_records("train", seed=seed, weights={"recall": 1.0})
         self.captions = proxy.caption_stream("train", seed=seed)
         self.text = proxy.text_stream("train", seed=seed)

@@ -253,7 +253,10 @@ def _mixture(weights: dict[str, float]) -> tuple[list[str], np.ndarray]:
 
 
 def iter_records(
-    split: str, seed: int | None = None, weights: dict[str, float] | None = None
+    split: str,
+    seed: int | None = None,
+    weights: dict[str, float] | None = None,
+    min_objects: int = 1,
 ) -> Iterator[tuple[Record, Scene | None]]:
     """Endless deterministic stream of (record with pixels, its scene) of one split.
 
@@ -261,10 +264,13 @@ def iter_records(
         split: train, validation, test or proxy (scenes come only from that split's buckets).
         seed: extra seed (e.g. a training epoch); None is the split's canonical stream.
         weights: category mixture; CATEGORY_WEIGHTS by default.
+        min_objects: fewest objects a scene holds (training curricula; splits use 1).
     """
     cats, p = _mixture(CATEGORY_WEIGHTS if weights is None else weights)
     extra = [] if seed is None else [seed]
-    scene_stream = scenes.iter_split_scenes(split, [TASK_SEED, SPLIT_CODES[split], *extra])
+    scene_stream = scenes.iter_split_scenes(
+        split, [TASK_SEED, SPLIT_CODES[split], *extra], min_objects
+    )
     rng = np.random.default_rng([TASK_SEED, SPLIT_CODES[split], 1000, *extra])
     scene = next(scene_stream)
     while True:

@@ -109,9 +109,11 @@ def split_of(scene: Scene) -> str:
     raise AssertionError(b)
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """Draws one scene: 1-4 objects of distinct kinds in distinct cells."""
-    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+def sample_scene(
+    rng: np.random.Generator, n_objects: int | None = None, min_objects: int = 1
+) -> Scene:
+    """Draws one scene: min_objects-4 objects (1-4 by default) of distinct kinds and cells."""
+    n = int(rng.integers(min_objects, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     cells = sorted(rng.choice(4, size=n, replace=False).tolist())
     kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
     colour_names = list(COLOURS)
@@ -126,12 +128,12 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     return Scene(tuple(objs), background=int(rng.integers(0, 50)))
 
 
-def iter_split_scenes(split: str, seed: int):
+def iter_split_scenes(split: str, seed: int, min_objects: int = 1):
     """Endless stream of scenes of one split (rejection by content bucket), deterministic in seed."""
     buckets = SPLIT_BUCKETS[split]
     rng = np.random.default_rng(seed)
     while True:
-        s = sample_scene(rng)
+        s = sample_scene(rng, min_objects=min_objects)
         if scene_bucket(s) in buckets:
             yield s
 

@@ -66,6 +66,13 @@ class TrainConfig:
     vision_batch: int = 64
     vision_lr: float = 3e-3
     turns: int = 1  # question turns per image-question row (batches.TrainStream)
+    # The mixed phase's first crowded_steps draw question scenes with at least crowded_objects
+    # objects. On the natural 1-4-object mix, reading any object's attribute answers about half
+    # of the questions, and the decoder settles there without learning to find the object a
+    # question names; crowded scenes take that shortcut away (colour-only probe: 58% on the
+    # natural mix throughout, 72% after 750 crowded steps then 250 natural ones).
+    crowded_steps: int = 0
+    crowded_objects: int = 4
 
 
 def toy_config(
@@ -229,6 +236,18 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         seed=tc.seed + 1000,
         p_stream=tc.text_p_stream,
     )
+    crowded = batches.TrainStream(
+        tok,
+        config.num_image_tokens,
+        tc.n_image_rows,
+        tc.n_text_rows,
+        tc.length,
+        seed=tc.seed + 2000,
+        p_caption=tc.p_caption,
+        p_stream=tc.p_stream,
+        turns=tc.turns,
+        min_objects=tc.crowded_objects,
+    )
     total = tc.text_steps + tc.steps
     params = init_toy_params(config, tc)
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
@@ -254,7 +273,10 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
     keys += ("cell_targets",)
     t0 = time.time()
     for i in range(total):
-        b = next(text_stream if i < tc.text_steps else stream)
+        if i < tc.text_steps:
+            b = next(text_stream)
+        else:
+            b = next(crowded if i < tc.text_steps + tc.crowded_steps else stream)
         state, opt_state, loss = step(state, opt_state, {k: b[k] for k in keys})
         if i % tc.log_every == 0 or i == total - 1:
             q, c, s, a = (float(x) for x in loss)
