@@ -216,17 +216,23 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
 
     probe(step, params), when given, runs every probe_every steps (e.g. a validation score).
     """
-    stream = batches.TrainStream(
-        tok,
-        config.num_image_tokens,
-        tc.n_image_rows,
-        tc.n_text_rows,
-        tc.length,
-        seed=tc.seed,
-        p_caption=tc.p_caption,
-        p_stream=tc.p_stream,
-        turns=tc.turns,
-    )
+
+    def mixed_stream(seed: int, min_objects: int = 1) -> batches.TrainStream:
+        return batches.TrainStream(
+            tok,
+            config.num_image_tokens,
+            tc.n_image_rows,
+            tc.n_text_rows,
+            tc.length,
+            seed=seed,
+            p_caption=tc.p_caption,
+            p_stream=tc.p_stream,
+            turns=tc.turns,
+            min_objects=min_objects,
+        )
+
+    stream = mixed_stream(tc.seed)
+    crowded = mixed_stream(tc.seed + 2000, tc.crowded_objects)
     text_stream = batches.TrainStream(
         tok,
         config.num_image_tokens,
@@ -235,18 +241,6 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         tc.text_length,
         seed=tc.seed + 1000,
         p_stream=tc.text_p_stream,
-    )
-    crowded = batches.TrainStream(
-        tok,
-        config.num_image_tokens,
-        tc.n_image_rows,
-        tc.n_text_rows,
-        tc.length,
-        seed=tc.seed + 2000,
-        p_caption=tc.p_caption,
-        p_stream=tc.p_stream,
-        turns=tc.turns,
-        min_objects=tc.crowded_objects,
     )
     total = tc.text_steps + tc.steps
     params = init_toy_params(config, tc)
