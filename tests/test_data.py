@@ -314,6 +314,41 @@ def test_train_stream_multi_turn_rows(tok):
         turns.append(n)
     assert max(turns) > 1 and max(turns) <= 3
     assert b["cell_targets"].shape == (8, 4, 3)
+    # focus: only at positions that predict an answer letter, only on cells holding an object
+    row, pos, cell = np.nonzero(b["focus"])
+    assert len(row) > 0
+    assert all(int(b["input_ids"][r, p + 1]) in letters for r, p in zip(row, pos))
+    assert all(b["cell_targets"][r, c, 0] > 0 for r, c in zip(row, cell))
+    per_row = [len(set(pos[row == r])) for r in range(8)]
+    assert all(n <= t for n, t in zip(per_row, turns))
+
+
+def test_focus_cells_hold_what_the_answer_depends_on():
+    """Record.focus names the cells of the objects a question's answer is read from."""
+    seen = set()
+    for rec, scene in _take(questions.iter_records("train", seed=5), 600):
+        if scene is None:
+            assert rec.focus is None
+            continue
+        held = [scene.at(c) for c in rec.focus or ()]
+        assert all(o is not None for o in held), (rec.question, rec.focus)
+        answer = rec.choices[rec.answer]
+        if rec.category == "colour":
+            assert [o.colour for o in held] == [answer]
+        elif rec.category == "shape":
+            assert [o.shape for o in held] == [answer]
+        elif rec.category == "count":
+            assert len(held) == questions.NUMBERS.index(answer)
+        elif rec.category == "presence":
+            assert (rec.focus is not None) == (answer == "yes")
+        elif rec.category == "spatial" and answer in scenes.POSITIONS:
+            assert [o.position for o in held] == [answer]
+        elif rec.category == "context" or "that lives in" in rec.question:
+            assert rec.focus is None  # the object is found through another text, not the words
+        else:
+            assert rec.focus  # knowledge and pair relations name their objects
+        seen.add(rec.category)
+    assert seen == set(questions.CATEGORY_WEIGHTS) - {"recall"}
 
 
 def test_crowded_question_stream():

@@ -1,4 +1,4 @@
-"""The toy's training stages: the auxiliary vision loss and its pretraining stage."""
+"""The toy's training stages: the auxiliary vision loss, its pretraining stage, the focus loss."""
 
 import jax
 import numpy as np
@@ -39,3 +39,24 @@ def test_pretrain_vision_learns_what_each_cell_holds():
     want = np.stack([scenes.cell_targets(s)[cells] for s in batch])  # [B, N, 3]
     assert (pred[..., 3] == cells[None]).mean() > 0.99  # the token's cell
     assert (pred[..., 0] == want[..., 0]).mean() > 0.8  # colour (or none) of its cell's object
+
+
+def test_focus_loss_is_minus_log_attention_on_the_focus_cells():
+    """Uniform attention over a row's 64 visual tokens puts 1/4 on one cell, 1/2 on two."""
+    config = toy.toy_config(64, hidden=32, layers=1, mlp=64)
+    n, t = config.num_image_tokens, 70
+    ids = np.full((2, t), 9, np.int32)
+    ids[:, 2 : 2 + n] = config.image_token_index
+    probs = np.zeros((2, 1, 2, t, t), np.float32)  # [B, kv, group, T, S]
+    probs[..., 2 : 2 + n] = 1.0 / n  # every head, every query: uniform on the visual tokens
+    focus = np.zeros((2, t, 4), np.float32)
+    focus[0, t - 1, 3] = 1.0  # row 0: one cell
+    focus[1, t - 1, [0, 2]] = 1.0  # row 1: two cells
+    got = float(toy._focus_loss(config, probs, ids, focus, heads=1))
+    np.testing.assert_allclose(got, -(np.log(0.25) + np.log(0.5)) / 2, rtol=1e-4)
+    # all the mass on the named cell: no loss; nothing supervised: zero
+    probs[0, 0, 0, t - 1] = 0.0
+    probs[0, 0, 0, t - 1, 2 + np.flatnonzero(scenes.patch_cells() == 3)] = 1.0 / 16
+    focus[1] = 0.0
+    np.testing.assert_allclose(float(toy._focus_loss(config, probs, ids, focus, 1)), 0, atol=1e-4)
+    assert float(toy._focus_loss(config, probs, ids, 0 * focus, 1)) == 0.0

@@ -87,7 +87,9 @@ class TrainStream:
             outweigh a question's one-letter answer a hundredfold.
 
     Batches also hold `loss_weight` float32 [B, T]: the weight of predicting each token, to
-    be summed (not averaged) with the per-token negative log-likelihood.
+    be summed (not averaged) with the per-token negative log-likelihood; and `focus` float32
+    [B, T, 4]: at the position that predicts an image question's answer letter, 1 for each
+    grid cell whose object the answer depends on (`Record.focus`), 0 elsewhere.
     """
 
     def __init__(
@@ -137,22 +139,27 @@ class TrainStream:
 
     def __next__(self) -> dict:
         rows, pixels, kinds, cells = [], [], [], []  # kind: 0 question, 1 caption, 2 stream
+        focus = []  # per row: (index of the position predicting an answer letter, its cells)
         for _ in range(self.n_image_rows):
             if self.rng.random() < self.p_caption:
                 s = next(self.captions)
                 rows.append(T.encode_caption(self.tok, s.text, self.n_img_tok))
+                focus.append([])
                 pixels.append(s.pixels)
                 cells.append(scenes.cell_targets(s.scene))
                 kinds.append(1)
             else:
                 r, scene = next(self.image_q)
                 ids, mask = T.encode_record(self.tok, r, self.n_img_tok, with_answer=True)
+                turns = [(mask.index(1) - 1, r.focus)]
                 for r2 in questions.more_records(self.rng, scene, self.turns - 1):
                     i2, m2 = T.encode_followup(self.tok, r2)
                     if len(ids) + len(i2) > self.length:
                         break
+                    turns.append((len(ids) + m2.index(1) - 1, r2.focus))
                     ids, mask = ids + i2, mask + m2
                 rows.append((ids, mask))
+                focus.append([(t, c) for t, c in turns if c])
                 pixels.append(r.pixels)
                 cells.append(scenes.cell_targets(scene))
                 kinds.append(0)
@@ -166,6 +173,12 @@ class TrainStream:
                 rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
                 kinds.append(0)
         out = pad_left(rows, self.length, self.pad, cut=True)
+        out["focus"] = np.zeros((len(rows), self.length, 4), np.float32)
+        for i, ((ids, _), turns) in enumerate(zip(rows, focus)):
+            if len(ids) > self.length:  # cut (only captions are ever this long)
+                continue
+            for t, where in turns:
+                out["focus"][i, self.length - len(ids) + t, list(where)] = 1.0
         out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
         out["cell_targets"] = np.stack(cells) if cells else None  # [B_img, 4, 3]
         # weights of predicting token t+1 from position t: target_mask shifted left

@@ -7,6 +7,12 @@ Categories (and what they need):
     context                                    the image and a text `context` (who owns what)
     recall                                     a remembered fact, no image (ScienceQA's NO column)
 
+Each image question function returns (question, choices, answer, context, focus) or None when
+the scene cannot support it; focus is the grid cells whose objects the answer depends on, when
+the question's own words pick them out (None when no object is named, as for an absent kind, or
+when the object is found only through another text: a context sentence or a remembered fact),
+kept on the record for training only.
+
 Each question offers every answer of its form, in a fixed order (2 for yes/no, 4 for shapes,
 positions and directions, 5 for colours, counts and fact values), and one correct index. Everything is deterministic in
 (TASK_SEED, split, index). Scenes reach a split only through their content bucket
@@ -85,27 +91,28 @@ def _pick(rng, seq):
 def q_colour(rng, scene):
     o = _pick(rng, scene.objects)
     q = f"What colour is {_pick(rng, _refs(scene, o, 'colour'))}?"
-    return q, *_choices(o.colour, COLOURS), None
+    return q, *_choices(o.colour, COLOURS), None, (o.cell,)
 
 
 def q_shape(rng, scene):
     o = _pick(rng, scene.objects)
     q = f"What shape is {_pick(rng, _refs(scene, o, 'shape'))}?"
-    return q, *_choices(o.shape, SHAPES), None
+    return q, *_choices(o.shape, SHAPES), None, (o.cell,)
 
 
 def q_count(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
-        q, n = "How many objects are there?", len(scene.objects)
+        q, hits = "How many objects are there?", scene.objects
     elif form == 1:
         c = _pick(rng, list(COLOURS))
-        q, n = f"How many {c} objects are there?", sum(o.colour == c for o in scene.objects)
+        q, hits = f"How many {c} objects are there?", [o for o in scene.objects if o.colour == c]
     else:
         s = _pick(rng, SHAPES)
         q = f"How many objects are shaped like a {s}?"
-        n = sum(o.shape == s for o in scene.objects)
-    return q, *_choices(NUMBERS[n], NUMBERS), None
+        hits = [o for o in scene.objects if o.shape == s]
+    focus = tuple(o.cell for o in hits) or None
+    return q, *_choices(NUMBERS[len(hits)], NUMBERS), None, focus
 
 
 RELATIVE = ("above", "below", "left of", "right of")
@@ -116,7 +123,7 @@ def q_spatial(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
         o = _pick(rng, objs)
-        return f"Where is the {o.kind}?", *_choices(o.position, POSITIONS), None
+        return f"Where is the {o.kind}?", *_choices(o.position, POSITIONS), None, (o.cell,)
     pairs = [(a, b) for a in objs for b in objs if a is not b]
     if form == 1:  # yes/no on a pair in different rows or columns
         if not pairs:
@@ -128,7 +135,7 @@ def q_spatial(rng, scene):
         else:
             word = _pick(rng, ("left of", "right of"))
             truth = a.col < b.col if word == "left of" else a.col > b.col
-        return f"Is the {a.kind} {word} the {b.kind}?", *_yes_no(truth), None
+        return f"Is the {a.kind} {word} the {b.kind}?", *_yes_no(truth), None, (a.cell, b.cell)
     # form 2: a pair sharing a row or a column, which way is one from the other
     pairs = [(a, b) for a, b in pairs if a.row == b.row or a.col == b.col]
     if not pairs:
@@ -139,7 +146,7 @@ def q_spatial(rng, scene):
     else:
         word = "above" if a.row < b.row else "below"
     q = f"Where is the {a.kind} compared to the {b.kind}?"
-    return q, *_choices(word, RELATIVE), None
+    return q, *_choices(word, RELATIVE), None, (a.cell, b.cell)
 
 
 def q_presence(rng, scene):
@@ -148,8 +155,8 @@ def q_presence(rng, scene):
     else:
         absent = [k for k in KINDS if k not in {o.kind for o in scene.objects}]
         kind = _pick(rng, absent)
-    truth = kind in {o.kind for o in scene.objects}
-    return f"Is there a {kind} in the picture?", *_yes_no(truth), None
+    cells = tuple(o.cell for o in scene.objects if o.kind == kind) or None
+    return f"Is there a {kind} in the picture?", *_yes_no(cells is not None), None, cells
 
 
 def q_knowledge(rng, scene):
@@ -163,13 +170,13 @@ def q_knowledge(rng, scene):
             return None
         o = _pick(rng, unique)
         q = f"Where is the object that lives in the {kinds[o.kind].home}?"
-        return q, *_choices(o.position, POSITIONS), None
+        return q, *_choices(o.position, POSITIONS), None, None  # found through a fact
     o = _pick(rng, scene.objects)
     # the kind itself is never named here: that would make it a text-only question
     ref = _pick(rng, _refs(scene, o, "kind"))
     rel = list(RELATION_QUESTIONS)[form]
     q = RELATION_QUESTIONS[rel].format(r=ref)
-    return q, *_choices(kinds[o.kind].value(rel), facts.RELATIONS[rel]), None
+    return q, *_choices(kinds[o.kind].value(rel), facts.RELATIONS[rel]), None, (o.cell,)
 
 
 def q_context(rng, scene):
@@ -185,13 +192,13 @@ def q_context(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
         q = f"What colour is the object {p} owns?"
-        return q, *_choices(o.colour, COLOURS), context
+        return q, *_choices(o.colour, COLOURS), context, None
     if form == 1:
         q = f"What shape is the object {p} owns?"
-        return q, *_choices(o.shape, SHAPES), context
+        return q, *_choices(o.shape, SHAPES), context, None
     c = facts.creature_of_kind()[o.kind]
     q = f"Where does the object {p} owns live?"
-    return q, *_choices(c.home, facts.RELATIONS["home"]), context
+    return q, *_choices(c.home, facts.RELATIONS["home"]), context, None
 
 
 def q_recall(rng):
@@ -229,9 +236,11 @@ def make_record(rng: np.random.Generator, scene: Scene | None, category: str) ->
     out = _IMAGE_QUESTIONS[category](rng, scene)
     if out is None:
         return None
-    q, choices, answer, context = out
+    q, choices, answer, context, focus = out
     pixels = scenes.render(scene)
-    return Record(q, choices, answer, category, context=context, subject=subject, pixels=pixels)
+    return Record(
+        q, choices, answer, category, context=context, subject=subject, pixels=pixels, focus=focus
+    )
 
 
 def more_records(rng: np.random.Generator, scene: Scene, n: int) -> list[Record]:

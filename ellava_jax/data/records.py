@@ -12,7 +12,8 @@ One JSON object per line:
 
 Unknown keys are an error, so a typo in a field name does not silently drop a field.
 In memory a record can also carry its image as a uint8 array (`pixels`), which the synthetic
-task uses for training without touching the disk.
+task uses for training without touching the disk, and the grid cells its answer depends on
+(`focus`, synthetic records only).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Record:
     context: str | None = None
     subject: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # uint8 [S, S, 3]
+    # Synthetic records only, never in jsonl: the grid cells whose objects the answer depends
+    # on (`questions`); training can teach the decoder to look there (`data.train`).
+    focus: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def answer_letter(self) -> str:

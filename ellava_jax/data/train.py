@@ -26,7 +26,8 @@ from ellava_jax.data import batches, scenes
 from ellava_jax.data import tokenizer as T
 from ellava_jax.data.records import Record
 from ellava_jax.model import forward, init_params
-from ellava_jax.model.llava import decode, embed_image, embed_text, merge_image_features
+from ellava_jax.model.llama import LlamaModel, attention_mask_4d, positions_from_mask
+from ellava_jax.model.llava import embed_image, embed_text, lm_head, merge_image_features
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class TrainConfig:
     # natural mix throughout, 72% after 750 crowded steps then 250 natural ones).
     crowded_steps: int = 0
     crowded_objects: int = 4
+    # Weight of the focus loss: at the position that predicts an image question's answer, the
+    # first focus_heads heads of decoder layer focus_layer are taught to attend to the visual
+    # tokens of the grid cells the answer depends on (`Record.focus`): -log of that attention
+    # mass. Without it the decoder reads any object rather than the one a question names.
+    focus_weight: float = 1.0
+    focus_layer: int = 1
+    focus_heads: int = 1
 
 
 def toy_config(
@@ -195,20 +203,52 @@ def pretrain_vision(config: LlavaConfig, params: dict, aux: dict, tc: TrainConfi
     return {**params, **state["tower"]}, state["aux"]
 
 
-def _loss(config: LlavaConfig, params, aux, batch, aux_weight: float):
-    embeds = embed_text(config, params, batch["input_ids"])
-    aux_term = jnp.float32(0.0)
+def _focus_loss(config: LlavaConfig, probs, input_ids, focus, heads: int) -> jax.Array:
+    """Mean over supervised positions of -log(attention mass on the focus cells' tokens).
+
+    probs [B, n_kv, group, T, S] (one layer's `attn_probs`); focus [B, T, 4] (`TrainStream`).
+    """
+    b, _, _, t, s = probs.shape
+    probs = probs.reshape(b, -1, t, s)[:, :heads]  # [B, heads, T, S]
+    img = input_ids == config.image_token_index  # [B, S]
+    slot = jnp.clip(jnp.cumsum(img, axis=1) - 1, 0, config.num_image_tokens - 1)
+    cell = jnp.asarray(scenes.patch_cells())[slot]  # [B, S]: the grid cell of each key
+    keys = jnp.take_along_axis(focus, jnp.broadcast_to(cell[:, None, :], (b, t, s)), axis=2)
+    keys = keys * img[:, None, :]  # [B, T, S]: 1 on the focus cells' visual tokens
+    mass = jnp.einsum("bhts,bts->bht", probs.astype(jnp.float32), keys)
+    where = (jnp.max(focus, axis=-1) > 0)[:, None, :]  # [B, 1, T]
+    nll = -jnp.log(mass + 1e-6) * where
+    return jnp.sum(nll) / jnp.maximum(1.0, heads * jnp.sum(where))
+
+
+def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig):
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    embeds = embed_text(config, params, ids)
+    aux_term = focus_term = jnp.float32(0.0)
     if batch["pixel_values"] is not None:
         feats = embed_image(config, params, batch["pixel_values"])
-        embeds = merge_image_features(config, batch["input_ids"], embeds, feats)
+        embeds = merge_image_features(config, ids, embeds, feats)
         aux_term = _aux_loss(aux, feats, batch["cell_targets"])
-    logits, _ = decode(config, params, embeds, batch["attention_mask"])
+    mask = attention_mask_4d(am, ids.shape[1])
+    (hidden, _), state = LlamaModel(config.text).apply(
+        {"params": params["language_model"]},
+        embeds,
+        positions_from_mask(am),
+        mask,
+        mutable=["intermediates"],
+    )
+    if batch["pixel_values"] is not None and tc.focus_weight:
+        layer = state["intermediates"]["layers"][str(tc.focus_layer)]
+        probs = layer["self_attn"]["attn_probs"][0]
+        focus_term = _focus_loss(config, probs, ids, batch["focus"], tc.focus_heads)
+    logits = lm_head(config, params, hidden)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     per_row = jnp.sum(nll * batch["loss_weight"][:, :-1], axis=1)  # [B]
     kinds = jax.nn.one_hot(batch["row_kind"], 3)  # question, caption, stream
-    parts = jnp.concatenate([per_row @ kinds, aux_term[None]])
-    return jnp.sum(per_row) + aux_weight * aux_term, parts
+    parts = jnp.concatenate([per_row @ kinds, aux_term[None], focus_term[None]])
+    total = jnp.sum(per_row) + tc.aux_weight * aux_term + tc.focus_weight * focus_term
+    return total, parts
 
 
 def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, probe_every=0) -> dict:
@@ -257,14 +297,14 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
     @jax.jit
     def step(state, opt_state, batch):
         def loss(s):
-            return _loss(config, s["model"], s["aux"], batch, tc.aux_weight)
+            return _loss(config, s["model"], s["aux"], batch, tc)
 
         (_, parts), grads = jax.value_and_grad(loss, has_aux=True)(state)
         updates, opt_state = opt.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, parts
 
     keys = ("input_ids", "attention_mask", "pixel_values", "loss_weight", "row_kind")
-    keys += ("cell_targets",)
+    keys += ("cell_targets", "focus")
     t0 = time.time()
     for i in range(total):
         if i < tc.text_steps:
@@ -273,10 +313,10 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
             b = next(crowded if i < tc.text_steps + tc.crowded_steps else stream)
         state, opt_state, loss = step(state, opt_state, {k: b[k] for k in keys})
         if i % tc.log_every == 0 or i == total - 1:
-            q, c, s, a = (float(x) for x in loss)
+            q, c, s, a, f = (float(x) for x in loss)
             log(
                 f"step {i:5d}  loss question {q:.3f} caption {c:.3f} text {s:.3f} "
-                f"vision {a:.3f}  {time.time() - t0:6.0f}s"
+                f"vision {a:.3f} focus {f:.3f}  {time.time() - t0:6.0f}s"
             )
         if probe is not None and probe_every and i > 0 and i % probe_every == 0:
             probe(i, state["model"])
