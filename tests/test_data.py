@@ -351,6 +351,20 @@ def test_focus_cells_hold_what_the_answer_depends_on():
     assert seen == set(questions.CATEGORY_WEIGHTS) - {"recall"}
 
 
+def test_curriculum_streams(tok):
+    """A starter stream asks only its categories, in every turn; unknown names are an error."""
+    from ellava_jax.data.batches import TrainStream
+
+    st = TrainStream(tok, 64, 6, 0, 224, seed=4, p_caption=0.0, turns=3, categories=["shape"])
+    b = next(st)
+    for ids, attn in zip(b["input_ids"], b["attention_mask"]):
+        text = tok.decode(ids[attn == 1].tolist(), skip_special_tokens=False)
+        n = text.count("ASSISTANT:")
+        assert n >= 1 and text.count("What shape is") == n, text
+    with pytest.raises(ValueError, match="'colr'"):
+        TrainStream(tok, 64, 2, 0, 160, categories=["colr"])
+
+
 def test_crowded_question_stream():
     """min_objects draws only scenes that crowded (the curriculum); the default is the mix."""
     crowded = questions.iter_records("train", seed=3, min_objects=4)

@@ -82,6 +82,8 @@ class TrainStream:
         turns: image-question rows hold up to this many question turns about their image
             (LLaVA's multi-turn rows): more answers learned per visual token computed.
         min_objects: fewest objects in a question's scene (captions keep the natural mix).
+        categories: image-question categories to draw (all but recall by default), at their
+            CATEGORY_WEIGHTS, for the first question of a row and its follow-ups.
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -105,6 +107,7 @@ class TrainStream:
         kind_weights: tuple[float, float, float] = (1.0, 0.5, 1.0),
         turns: int = 1,
         min_objects: int = 1,
+        categories: list[str] | None = None,
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
@@ -113,6 +116,12 @@ class TrainStream:
         self.turns = turns
         self.rng = np.random.default_rng([seed, 17])
         image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
+        if categories is not None:
+            unknown = sorted(set(categories) - set(image_w))
+            if unknown:
+                raise ValueError(f"unknown image-question category {unknown[0]!r}")
+            image_w = {k: v for k, v in image_w.items() if k in categories}
+        self.image_w = image_w
         self.image_q = questions.iter_records(
             "train", seed=seed, weights=image_w, min_objects=min_objects
         )
@@ -152,7 +161,7 @@ class TrainStream:
                 r, scene = next(self.image_q)
                 ids, mask = T.encode_record(self.tok, r, self.n_img_tok, with_answer=True)
                 turns = [(mask.index(1) - 1, r.focus)]
-                for r2 in questions.more_records(self.rng, scene, self.turns - 1):
+                for r2 in questions.more_records(self.rng, scene, self.turns - 1, self.image_w):
                     i2, m2 = T.encode_followup(self.tok, r2)
                     if len(ids) + len(i2) > self.length:
                         break
