@@ -115,7 +115,7 @@ class TrainStream:
         self.kind_weights = kind_weights
         self.turns = turns
         self.rng = np.random.default_rng([seed, 17])
-        image_w = {k: v for k, v in questions.CATEGORY_WEIGHTS.items() if k != "recall"}
+        image_w = questions.image_weights()
         if categories is not None:
             unknown = sorted(set(categories) - set(image_w))
             if unknown:

@@ -243,16 +243,17 @@ def make_record(rng: np.random.Generator, scene: Scene | None, category: str) ->
     )
 
 
+def image_weights() -> dict[str, float]:
+    """CATEGORY_WEIGHTS of the categories that ask about an image (all but recall)."""
+    return {c: w for c, w in CATEGORY_WEIGHTS.items() if c != "recall"}
+
+
 def more_records(
     rng: np.random.Generator, scene: Scene, n: int, weights: dict[str, float] | None = None
 ) -> list[Record]:
-    """Up to n further image questions about one scene.
-
-    Categories are drawn as weights (by default CATEGORY_WEIGHTS without recall).
-    """
-    if weights is None:
-        weights = {c: w for c, w in CATEGORY_WEIGHTS.items() if c != "recall"}
-    cats, p = _mixture(weights)
+    """Up to n further image questions about one scene, categories drawn as weights
+    (`image_weights()` by default)."""
+    cats, p = _mixture(image_weights() if weights is None else weights)
     out = []
     for _ in range(n):
         rec = make_record(rng, scene, cats[int(rng.choice(len(cats), p=p))])
