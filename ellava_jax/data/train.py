@@ -6,9 +6,9 @@ dropped afterwards); (2) a text-only phase (facts and text questions, short rows
 phase: image questions (optionally several turns a row), image captions, text-only questions
 and the text stream that states the fact base (see `batches.TrainStream`), every parameter
 trained with AdamW and a warmup-cosine schedule, the auxiliary vision loss kept on, and a focus
-loss that teaches one decoder head where each image question's answer is (`_focus_loss`). `scripts/train_toy.py` is the launcher;
-`score` and `magnitude_prune` are the quick checks it reports (the harness of record is
-`ellava eval`).
+loss that teaches one decoder head where each image question's answer is (`_focus_loss`).
+`scripts/train_toy.py` is the launcher; `score` and `magnitude_prune` are the quick checks it
+reports (the harness of record is `ellava eval`).
 """
 
 from __future__ import annotations
