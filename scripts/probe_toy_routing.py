@@ -20,8 +20,8 @@ from convert.hf import load_hf_llava
 from ellava_jax.data import batches, questions, scenes
 from ellava_jax.data import tokenizer as T
 from ellava_jax.model.llama import (
-    LlamaDecoderLayer,
     attention_mask_4d,
+    layer_with_attention,
     positions_from_mask,
     rope_cos_sin,
 )
@@ -74,16 +74,9 @@ def main(argv=None) -> None:
     cos, sin = rope_cos_sin(pos, config.text.head_dim, config.text.rope_theta, h.dtype)
     mask = attention_mask_4d(jnp.asarray(b["attention_mask"]), length, 0)
     for layer in range(config.text.num_hidden_layers):
-        out, state = LlamaDecoderLayer(config.text).apply(
-            {"params": params["language_model"]["layers"][str(layer)]},
-            h,
-            cos,
-            sin,
-            mask,
-            mutable=["intermediates"],
-        )
-        h = out[0]
-        probs = np.asarray(state["intermediates"]["self_attn"]["attn_probs"][0])
+        weights = params["language_model"]["layers"][str(layer)]
+        h, probs = layer_with_attention(config.text, weights, h, cos, sin, mask)
+        probs = np.asarray(probs)
         last = probs[..., -1, :].reshape(len(picked), -1, length)  # [B, heads, T]
         cols = []
         for head in range(last.shape[1]):

@@ -112,6 +112,14 @@ class LlamaDecoderLayer(nn.Module):
         return h + LlamaMLP(self.cfg, name="mlp")(x), cache
 
 
+def layer_with_attention(cfg: TextConfig, layer_params: dict, h, cos, sin, mask):
+    """One decoder layer on h [B, T, H]; returns (h_out, attention probs [B, n_kv, group, T, S])."""
+    (out, _), state = LlamaDecoderLayer(cfg).apply(
+        {"params": layer_params}, h, cos, sin, mask, mutable=["intermediates"]
+    )
+    return out, state["intermediates"]["self_attn"]["attn_probs"][0]
+
+
 class _Layers(nn.Module):
     """Holds the decoder layers under the names "0", "1", ... as HF's state dict does."""
 

@@ -41,8 +41,8 @@ import numpy as np
 from ellava_jax.config import LlavaConfig
 from ellava_jax.eval.flops import decoder_prefill_flops, total_flops
 from ellava_jax.model.llama import (
-    LlamaDecoderLayer,
     attention_mask_4d,
+    layer_with_attention,
     positions_from_mask,
     rope_cos_sin,
 )
@@ -208,16 +208,8 @@ def _simulate(config, params, embeds, attention_mask, input_ids, alpha, n_groups
     drops, masses = [], []
     for i in range(cfg.num_hidden_layers):
         mask = attention_mask_4d(alive, h.shape[1], 0)
-        h_new, state = LlamaDecoderLayer(cfg).apply(
-            {"params": params["language_model"]["layers"][str(i)]},
-            h,
-            cos,
-            sin,
-            mask,
-            mutable=["intermediates"],
-        )
-        h = h_new[0]
-        probs = state["intermediates"]["self_attn"]["attn_probs"][0]
+        layer = params["language_model"]["layers"][str(i)]
+        h, probs = layer_with_attention(cfg, layer, h, cos, sin, mask)
         cross, self_ = _layer_scores(probs, valid, vis, img, alive)
         va = vis & alive
         c_now = _image_sum(cross, img, va, n_groups)
