@@ -314,41 +314,57 @@ def test_train_stream_multi_turn_rows(tok):
         turns.append(n)
     assert max(turns) > 1 and max(turns) <= 3
     assert b["cell_targets"].shape == (8, 4, 3)
-    # focus: only at positions that predict an answer letter, only on cells holding an object
-    row, pos, cell = np.nonzero(b["focus"])
-    assert len(row) > 0
+    # focus and refs: only at positions that predict an answer letter; refs point into the row
+    row, pos, head, cell = np.nonzero(b["focus"])
+    assert len(row) > 0 and set(head.tolist()) == {0, 1}
     assert all(int(b["input_ids"][r, p + 1]) in letters for r, p in zip(row, pos))
-    assert all(b["cell_targets"][r, c, 0] > 0 for r, c in zip(row, cell))
     per_row = [len(set(pos[row == r])) for r in range(8)]
     assert all(n <= t for n, t in zip(per_row, turns))
+    row, pos, head, k = np.nonzero(b["refs"] >= 0)
+    assert all(int(b["input_ids"][r, p + 1]) in letters for r, p in zip(row, pos))
+    at = b["refs"][row, pos, head, k]
+    assert (at < pos).all() and (b["attention_mask"][row, at] == 1).all()
+    assert not np.isin(b["input_ids"][row, at], [image, eos]).any()
 
 
-def test_focus_cells_hold_what_the_answer_depends_on():
-    """Record.focus names the cells of the objects a question's answer is read from."""
+def test_focus_and_refs_name_what_the_answer_depends_on():
+    """Record.focus: per focus head the cells its answer is read from; Record.refs: the
+    question's words that name them (a pair's first object for head 0, its second for head 1)."""
     seen = set()
     for rec, scene in _take(questions.iter_records("train", seed=5), 600):
-        if scene is None:
-            assert rec.focus is None
-            continue
-        held = [scene.at(c) for c in rec.focus or ()]
-        assert all(o is not None for o in held), (rec.question, rec.focus)
-        answer = rec.choices[rec.answer]
-        if rec.category == "colour":
-            assert [o.colour for o in held] == [answer]
-        elif rec.category == "shape":
-            assert [o.shape for o in held] == [answer]
-        elif rec.category == "count":
-            assert len(held) == questions.NUMBERS.index(answer)
-        elif rec.category == "presence":
-            assert (rec.focus is not None) == (answer == "yes")
-        elif rec.category == "spatial" and answer in scenes.POSITIONS:
-            assert [o.position for o in held] == [answer]
-        elif rec.category == "context" or "that lives in" in rec.question:
-            assert rec.focus is None  # the object is found through another text, not the words
-        else:
-            assert rec.focus  # knowledge and pair relations name their objects
         seen.add(rec.category)
-    assert seen == set(questions.CATEGORY_WEIGHTS) - {"recall"}
+        if rec.refs is not None:
+            assert len(rec.refs) == questions.FOCUS_HEADS
+            assert all(f" {w} " in f" {rec.question[:-1]} " for w in rec.refs), rec.question
+        if scene is None:
+            assert rec.focus is None and rec.refs  # recall names its creature
+            continue
+        if rec.category == "context" or "that lives in" in rec.question:
+            assert rec.focus is None  # the object is found through another text, not the words
+            continue
+        if rec.category == "presence" and rec.choices[rec.answer] == "no":
+            assert rec.focus is None  # nothing to look at
+            continue
+        assert rec.focus is not None and len(rec.focus) == questions.FOCUS_HEADS, rec.question
+        first, second = ([scene.at(c) for c in cells] for cells in rec.focus)
+        answer = rec.choices[rec.answer]
+        if rec.category == "count":
+            assert rec.focus == (questions.WHOLE_IMAGE,) * 2  # a count reads the whole image
+            continue
+        assert all(o is not None for o in first + second), (rec.question, rec.focus)
+        if rec.category == "colour":
+            assert [o.colour for o in first] == [answer] and first == second
+        elif rec.category == "shape":
+            assert [o.shape for o in first] == [answer] and first == second
+        elif rec.category == "spatial" and answer in scenes.POSITIONS:
+            assert [o.position for o in first] == [answer]
+        elif rec.category == "spatial":  # a pair: head 0 the first object named, head 1 the second
+            a, b = first[0], second[0]
+            assert rec.refs == (a.kind, b.kind) and a is not b
+            assert rec.question.index(a.kind) < rec.question.index(b.kind)
+        elif rec.category == "presence":
+            assert [o.kind for o in first] == [rec.refs[0]]
+    assert seen == set(questions.CATEGORY_WEIGHTS)
 
 
 def test_curriculum_streams(tok):

@@ -41,22 +41,39 @@ def test_pretrain_vision_learns_what_each_cell_holds():
     assert (pred[..., 0] == want[..., 0]).mean() > 0.8  # colour (or none) of its cell's object
 
 
-def test_focus_loss_is_minus_log_attention_on_the_focus_cells():
-    """Uniform attention over a row's 64 visual tokens puts 1/4 on one cell, 1/2 on two."""
+def test_focus_loss_is_kl_from_uniform_on_the_focus_cells():
+    """Uniform attention over a row's 64 visual tokens is log 4 from one cell's, log 2 from two
+    cells', 0 from the whole image's; each focus head is held to its own cells."""
     config = toy.toy_config(64, hidden=32, layers=1, mlp=64)
     n, t = config.num_image_tokens, 70
     ids = np.full((2, t), 9, np.int32)
     ids[:, 2 : 2 + n] = config.image_token_index
     probs = np.zeros((2, 1, 2, t, t), np.float32)  # [B, kv, group, T, S]
     probs[..., 2 : 2 + n] = 1.0 / n  # every head, every query: uniform on the visual tokens
-    focus = np.zeros((2, t, 4), np.float32)
-    focus[0, t - 1, 3] = 1.0  # row 0: one cell
-    focus[1, t - 1, [0, 2]] = 1.0  # row 1: two cells
-    got = float(toy._focus_loss(config, probs, ids, focus, heads=1))
-    np.testing.assert_allclose(got, -(np.log(0.25) + np.log(0.5)) / 2, rtol=1e-4)
-    # all the mass on the named cell: no loss; nothing supervised: zero
+    focus = np.zeros((2, t, 2, 4), np.float32)  # [B, T, focus heads, cells]
+    focus[0, t - 1, :, 3] = 1.0  # row 0: one cell, both heads
+    focus[1, t - 1, 0, [0, 2]] = 1.0  # row 1: head 0 two cells, head 1 the whole image
+    focus[1, t - 1, 1, :] = 1.0
+    got = float(toy._focus_loss(config, probs, ids, focus))
+    np.testing.assert_allclose(got, (2 * np.log(4) + np.log(2) + 0) / 4, rtol=1e-4)
+    # head 0 of row 0 spread evenly on its cell: nothing left to learn there
     probs[0, 0, 0, t - 1] = 0.0
     probs[0, 0, 0, t - 1, 2 + np.flatnonzero(scenes.patch_cells() == 3)] = 1.0 / 16
     focus[1] = 0.0
-    np.testing.assert_allclose(float(toy._focus_loss(config, probs, ids, focus, 1)), 0, atol=1e-4)
-    assert float(toy._focus_loss(config, probs, ids, 0 * focus, 1)) == 0.0
+    focus[0, :, 1] = 0.0
+    np.testing.assert_allclose(float(toy._focus_loss(config, probs, ids, focus)), 0, atol=1e-4)
+    assert float(toy._focus_loss(config, probs, ids, 0 * focus)) == 0.0
+
+
+def test_ref_loss_is_kl_from_uniform_on_the_named_words():
+    t = 12
+    probs = np.full((1, 1, 2, t, t), 1.0 / t, np.float32)  # uniform over 12 keys
+    refs = np.full((1, t, 2, 3), -1, np.int32)
+    refs[0, t - 1, 0, :2] = [4, 5]  # head 0: two words
+    refs[0, t - 1, 1, 0] = 7  # head 1: one word
+    got = float(toy._ref_loss(probs, refs))
+    np.testing.assert_allclose(got, (np.log(t / 2) + np.log(t)) / 2, rtol=1e-4)
+    probs[0, 0, 1, t - 1] = 0.0
+    probs[0, 0, 1, t - 1, 7] = 1.0  # head 1 reads its word only
+    refs[0, t - 1, 0] = -1
+    np.testing.assert_allclose(float(toy._ref_loss(probs, refs)), 0, atol=1e-4)

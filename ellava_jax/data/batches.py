@@ -67,6 +67,17 @@ def eval_batches(
         yield out
 
 
+MAX_REF_TOKENS = 3  # tokens of a focus head's referring words (`Record.refs`) a batch keeps
+
+
+def _last_occurrence(seq: list[int], sub: list[int], start: int, stop: int) -> int:
+    """Index of the last occurrence of sub in seq[start:stop], or -1."""
+    for i in range(stop - len(sub), start - 1, -1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    return -1
+
+
 class TrainStream:
     """Endless deterministic training batches mixing the four row kinds.
 
@@ -89,9 +100,12 @@ class TrainStream:
             outweigh a question's one-letter answer a hundredfold.
 
     Batches also hold `loss_weight` float32 [B, T]: the weight of predicting each token, to
-    be summed (not averaged) with the per-token negative log-likelihood; and `focus` float32
-    [B, T, 4]: at the position that predicts an image question's answer letter, 1 for each
-    grid cell whose object the answer depends on (`Record.focus`), 0 elsewhere.
+    be summed (not averaged) with the per-token negative log-likelihood; `focus` float32
+    [B, T, F, 4] (F = `questions.FOCUS_HEADS`): at the position that predicts an image
+    question's answer letter, per focus head 1 for each grid cell it should read
+    (`Record.focus`), 0 elsewhere; and `refs` int32 [B, T, F, MAX_REF_TOKENS]: at the
+    same positions (text-only questions too), per focus head the row positions of the
+    question's words that name what it reads (`Record.refs`), -1 for none.
     """
 
     def __init__(
@@ -131,6 +145,7 @@ class TrainStream:
         self.pad = T.token_id(tok, T.PAD)
         self.bos = T.token_id(tok, T.BOS)
         self._carry: list[int] = []
+        self._phrase_ids: dict[str, list[int]] = {}
 
     def _stream_row(self) -> tuple[list[int], list[int]]:
         """One row of packed sentences, <s> first, loss on every token after it."""
@@ -146,9 +161,25 @@ class TrainStream:
     def __iter__(self):
         return self
 
+    def _turn(self, ids: list[int], start: int, answer_at: int, r) -> tuple:
+        """(position predicting r's answer letter, r.focus, per focus head the positions of the
+        tokens naming its object: the last occurrence of r.refs[h] in ids[start:answer_at])."""
+        refs = None
+        if r.refs is not None:
+            refs = []
+            for phrase in r.refs:
+                if phrase not in self._phrase_ids:
+                    self._phrase_ids[phrase] = T.encode_text(self.tok, " " + phrase, add_bos=False)
+                want = self._phrase_ids[phrase][:MAX_REF_TOKENS]
+                at = _last_occurrence(ids, want, start, answer_at)
+                if at < 0:
+                    raise AssertionError(f"{phrase!r} is not in the question {r.question!r}")
+                refs.append(list(range(at, at + len(want))))
+        return answer_at, r.focus, refs
+
     def __next__(self) -> dict:
         rows, pixels, kinds, cells = [], [], [], []  # kind: 0 question, 1 caption, 2 stream
-        focus = []  # per row: (index of the position predicting an answer letter, its cells)
+        focus = []  # per row and turn: (position predicting the answer letter, cells, refs)
         for _ in range(self.n_image_rows):
             if self.rng.random() < self.p_caption:
                 s = next(self.captions)
@@ -160,15 +191,16 @@ class TrainStream:
             else:
                 r, scene = next(self.image_q)
                 ids, mask = T.encode_record(self.tok, r, self.n_img_tok, with_answer=True)
-                turns = [(mask.index(1) - 1, r.focus)]
+                turns = [self._turn(ids, 0, mask.index(1) - 1, r)]
                 for r2 in questions.more_records(self.rng, scene, self.turns - 1, self.image_w):
                     i2, m2 = T.encode_followup(self.tok, r2)
                     if len(ids) + len(i2) > self.length:
                         break
-                    turns.append((len(ids) + m2.index(1) - 1, r2.focus))
+                    start = len(ids)
                     ids, mask = ids + i2, mask + m2
+                    turns.append(self._turn(ids, start, start + m2.index(1) - 1, r2))
                 rows.append((ids, mask))
-                focus.append([(t, c) for t, c in turns if c])
+                focus.append(turns)
                 pixels.append(r.pixels)
                 cells.append(scenes.cell_targets(scene))
                 kinds.append(0)
@@ -176,18 +208,28 @@ class TrainStream:
             u = self.rng.random()
             if u < self.p_stream:
                 rows.append(self._stream_row())
+                focus.append([])
                 kinds.append(2)
             else:
                 r, _ = next(self.text_q)
-                rows.append(T.encode_record(self.tok, r, self.n_img_tok, with_answer=True))
+                ids, mask = T.encode_record(self.tok, r, self.n_img_tok, with_answer=True)
+                rows.append((ids, mask))
+                focus.append([self._turn(ids, 0, mask.index(1) - 1, r)])
                 kinds.append(0)
         out = pad_left(rows, self.length, self.pad, cut=True)
-        out["focus"] = np.zeros((len(rows), self.length, 4), np.float32)
+        heads = questions.FOCUS_HEADS
+        out["focus"] = np.zeros((len(rows), self.length, heads, 4), np.float32)
+        out["refs"] = np.full((len(rows), self.length, heads, MAX_REF_TOKENS), -1, np.int32)
         for i, ((ids, _), turns) in enumerate(zip(rows, focus)):
             if len(ids) > self.length:  # cut (only captions are ever this long)
                 continue
-            for t, where in turns:
-                out["focus"][i, self.length - len(ids) + t, list(where)] = 1.0
+            off = self.length - len(ids)
+            for t, where, refs in turns:
+                for h in range(heads):
+                    if where is not None:
+                        out["focus"][i, off + t, h, list(where[h])] = 1.0
+                    if refs is not None:
+                        out["refs"][i, off + t, h, : len(refs[h])] = [off + j for j in refs[h]]
         out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
         out["cell_targets"] = np.stack(cells) if cells else None  # [B_img, 4, 3]
         # weights of predicting token t+1 from position t: target_mask shifted left

@@ -88,31 +88,61 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
+FOCUS_HEADS = 2  # decoder heads a record's focus teaches (`Record.focus`)
+WHOLE_IMAGE = (0, 1, 2, 3)
+
+
+def _focus(first, second=None):
+    """Per focus head, the cells it should read: one object's for both heads, a pair's split
+    between them (head 0 the first named object, head 1 the second)."""
+    first = tuple(first)
+    return (first, tuple(second) if second is not None else first)
+
+
+def _ref(first: str | None, second: str | None = None) -> tuple[str, str] | None:
+    """Per focus head, the words of the question that name what it reads ("top left", "red
+    square"): a referring phrase less "the", "object" and "in"; None when nothing is named."""
+    if not first:
+        return None
+
+    def words(phrase: str) -> str:
+        return " ".join(w for w in phrase.split() if w not in ("the", "object", "in"))
+
+    return words(first), words(second or first)
+
+
 def q_colour(rng, scene):
     o = _pick(rng, scene.objects)
-    q = f"What colour is {_pick(rng, _refs(scene, o, 'colour'))}?"
-    return q, *_choices(o.colour, COLOURS), None, (o.cell,)
+    ref = _pick(rng, _refs(scene, o, "colour"))
+    return (
+        f"What colour is {ref}?",
+        *_choices(o.colour, COLOURS),
+        None,
+        _focus((o.cell,)),
+        _ref(ref),
+    )
 
 
 def q_shape(rng, scene):
     o = _pick(rng, scene.objects)
-    q = f"What shape is {_pick(rng, _refs(scene, o, 'shape'))}?"
-    return q, *_choices(o.shape, SHAPES), None, (o.cell,)
+    ref = _pick(rng, _refs(scene, o, "shape"))
+    return f"What shape is {ref}?", *_choices(o.shape, SHAPES), None, _focus((o.cell,)), _ref(ref)
 
 
 def q_count(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
-        q, hits = "How many objects are there?", scene.objects
+        q, hits, ref = "How many objects are there?", scene.objects, None
     elif form == 1:
-        c = _pick(rng, list(COLOURS))
+        ref = c = _pick(rng, list(COLOURS))
         q, hits = f"How many {c} objects are there?", [o for o in scene.objects if o.colour == c]
     else:
-        s = _pick(rng, SHAPES)
+        ref = s = _pick(rng, SHAPES)
         q = f"How many objects are shaped like a {s}?"
         hits = [o for o in scene.objects if o.shape == s]
-    focus = tuple(o.cell for o in hits) or None
-    return q, *_choices(NUMBERS[len(hits)], NUMBERS), None, focus
+    # a count is read off the whole image: uniform attention averages its tokens, and the
+    # share of them that are (say) red is the number of red objects over four
+    return q, *_choices(NUMBERS[len(hits)], NUMBERS), None, _focus(WHOLE_IMAGE), _ref(ref)
 
 
 RELATIVE = ("above", "below", "left of", "right of")
@@ -123,7 +153,8 @@ def q_spatial(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
         o = _pick(rng, objs)
-        return f"Where is the {o.kind}?", *_choices(o.position, POSITIONS), None, (o.cell,)
+        q = f"Where is the {o.kind}?"
+        return q, *_choices(o.position, POSITIONS), None, _focus((o.cell,)), _ref(o.kind)
     pairs = [(a, b) for a in objs for b in objs if a is not b]
     if form == 1:  # yes/no on a pair in different rows or columns
         if not pairs:
@@ -135,7 +166,8 @@ def q_spatial(rng, scene):
         else:
             word = _pick(rng, ("left of", "right of"))
             truth = a.col < b.col if word == "left of" else a.col > b.col
-        return f"Is the {a.kind} {word} the {b.kind}?", *_yes_no(truth), None, (a.cell, b.cell)
+        q = f"Is the {a.kind} {word} the {b.kind}?"
+        return q, *_yes_no(truth), None, _focus((a.cell,), (b.cell,)), _ref(a.kind, b.kind)
     # form 2: a pair sharing a row or a column, which way is one from the other
     pairs = [(a, b) for a, b in pairs if a.row == b.row or a.col == b.col]
     if not pairs:
@@ -146,7 +178,7 @@ def q_spatial(rng, scene):
     else:
         word = "above" if a.row < b.row else "below"
     q = f"Where is the {a.kind} compared to the {b.kind}?"
-    return q, *_choices(word, RELATIVE), None, (a.cell, b.cell)
+    return q, *_choices(word, RELATIVE), None, _focus((a.cell,), (b.cell,)), _ref(a.kind, b.kind)
 
 
 def q_presence(rng, scene):
@@ -155,8 +187,10 @@ def q_presence(rng, scene):
     else:
         absent = [k for k in KINDS if k not in {o.kind for o in scene.objects}]
         kind = _pick(rng, absent)
-    cells = tuple(o.cell for o in scene.objects if o.kind == kind) or None
-    return f"Is there a {kind} in the picture?", *_yes_no(cells is not None), None, cells
+    cells = tuple(o.cell for o in scene.objects if o.kind == kind)
+    focus = _focus(cells) if cells else None
+    q = f"Is there a {kind} in the picture?"
+    return q, *_yes_no(bool(cells)), None, focus, _ref(kind)
 
 
 def q_knowledge(rng, scene):
@@ -170,13 +204,15 @@ def q_knowledge(rng, scene):
             return None
         o = _pick(rng, unique)
         q = f"Where is the object that lives in the {kinds[o.kind].home}?"
-        return q, *_choices(o.position, POSITIONS), None, None  # found through a fact
+        home = kinds[o.kind].home
+        return q, *_choices(o.position, POSITIONS), None, None, _ref(home)  # through a fact
     o = _pick(rng, scene.objects)
     # the kind itself is never named here: that would make it a text-only question
     ref = _pick(rng, _refs(scene, o, "kind"))
     rel = list(RELATION_QUESTIONS)[form]
     q = RELATION_QUESTIONS[rel].format(r=ref)
-    return q, *_choices(kinds[o.kind].value(rel), facts.RELATIONS[rel]), None, (o.cell,)
+    value = kinds[o.kind].value(rel)
+    return q, *_choices(value, facts.RELATIONS[rel]), None, _focus((o.cell,)), _ref(ref)
 
 
 def q_context(rng, scene):
@@ -192,13 +228,13 @@ def q_context(rng, scene):
     form = int(rng.integers(3))
     if form == 0:
         q = f"What colour is the object {p} owns?"
-        return q, *_choices(o.colour, COLOURS), context, None
+        return q, *_choices(o.colour, COLOURS), context, None, _ref(p)
     if form == 1:
         q = f"What shape is the object {p} owns?"
-        return q, *_choices(o.shape, SHAPES), context, None
+        return q, *_choices(o.shape, SHAPES), context, None, _ref(p)
     c = facts.creature_of_kind()[o.kind]
     q = f"Where does the object {p} owns live?"
-    return q, *_choices(c.home, facts.RELATIONS["home"]), context, None
+    return q, *_choices(c.home, facts.RELATIONS["home"]), context, None, _ref(p)
 
 
 def q_recall(rng):
@@ -209,11 +245,11 @@ def q_recall(rng):
     if form >= 4:  # what a named creature looks like (visible kinds only)
         colour, shape = c.kind.split()
         if form == 4:
-            return f"What colour is the {c.name}?", *_choices(colour, COLOURS)
-        return f"What shape is the {c.name}?", *_choices(shape, SHAPES)
+            return f"What colour is the {c.name}?", *_choices(colour, COLOURS), _ref(c.name)
+        return f"What shape is the {c.name}?", *_choices(shape, SHAPES), _ref(c.name)
     rel = list(RELATION_QUESTIONS)[form]
     q = RELATION_QUESTIONS[rel].format(r=f"the {c.name}")
-    return q, *_choices(c.value(rel), facts.RELATIONS[rel])
+    return q, *_choices(c.value(rel), facts.RELATIONS[rel]), _ref(c.name)
 
 
 _IMAGE_QUESTIONS = {
@@ -231,15 +267,23 @@ def make_record(rng: np.random.Generator, scene: Scene | None, category: str) ->
     """One question of a category about a scene (None when the scene cannot support it)."""
     subject = SUBJECTS.get(category, "perception")
     if category == "recall":
-        q, choices, answer = q_recall(rng)
-        return Record(q, choices, answer, category, subject=subject)
+        q, choices, answer, refs = q_recall(rng)
+        return Record(q, choices, answer, category, subject=subject, refs=refs)
     out = _IMAGE_QUESTIONS[category](rng, scene)
     if out is None:
         return None
-    q, choices, answer, context, focus = out
+    q, choices, answer, context, focus, refs = out
     pixels = scenes.render(scene)
     return Record(
-        q, choices, answer, category, context=context, subject=subject, pixels=pixels, focus=focus
+        q,
+        choices,
+        answer,
+        category,
+        context=context,
+        subject=subject,
+        pixels=pixels,
+        focus=focus,
+        refs=refs,
     )
 
 

@@ -47,7 +47,10 @@ class Record:
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # uint8 [S, S, 3]
     # Synthetic records only, never in jsonl: the grid cells whose objects the answer depends
     # on (`questions`); training can teach the decoder to look there (`data.train`).
-    focus: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    # Per focus head (`questions.FOCUS_HEADS`) the cells it should read, and the question's
+    # words that name them.
+    focus: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False, compare=False)
+    refs: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def answer_letter(self) -> str:
