@@ -381,6 +381,24 @@ def test_curriculum_streams(tok):
         TrainStream(tok, 64, 2, 0, 160, categories=["colr"])
 
 
+def test_category_boost(tok):
+    """A boost multiplies a category's training weight; the splits are untouched."""
+    from ellava_jax.data import train as toy
+    from ellava_jax.data.batches import TrainStream
+
+    boost = toy.parse_boost("spatial=3, context=2")
+    assert boost == {"spatial": 3.0, "context": 2.0}
+    st = TrainStream(tok, 64, 2, 0, 224, boost=boost)
+    base = questions.image_weights()
+    assert st.image_w["spatial"] == pytest.approx(3 * base["spatial"])
+    assert st.image_w["colour"] == base["colour"]
+    assert questions.CATEGORY_WEIGHTS["spatial"] == base["spatial"]
+    with pytest.raises(ValueError, match="'spatial'"):
+        toy.parse_boost("spatial")
+    with pytest.raises(ValueError, match="'spacial'"):
+        TrainStream(tok, 64, 2, 0, 160, boost={"spacial": 2.0})
+
+
 def test_crowded_question_stream():
     """min_objects draws only scenes that crowded (the curriculum); the default is the mix."""
     crowded = questions.iter_records("train", seed=3, min_objects=4)

@@ -9,7 +9,7 @@ from ellava_jax.model.llava import embed_image
 
 
 def _read_cells(config, params, aux, scene_list):
-    """Per-token argmax of the aux head: [B, N, 4] (colour, shape, size, cell)."""
+    """Per-token argmax of the aux head: [B, N, 5] (colour, shape, size, cell, kind)."""
     px = scenes.pixel_values(np.stack([scenes.render(s) for s in scene_list]))
     logits = np.asarray(embed_image(config, params, px) @ aux["kernel"] + aux["bias"])
     out, start = [], 0

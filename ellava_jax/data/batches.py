@@ -95,6 +95,8 @@ class TrainStream:
         min_objects: fewest objects in a question's scene (captions keep the natural mix).
         categories: image-question categories to draw (all but recall by default), at their
             CATEGORY_WEIGHTS, for the first question of a row and its follow-ups.
+        boost: per category, a factor on its training weight (the splits keep
+            CATEGORY_WEIGHTS): more practice where the model is weakest.
         kind_weights: loss weight of each row kind (question, caption, stream). A kind's
             target tokens share its weight equally, so that a 160-token text row does not
             outweigh a question's one-letter answer a hundredfold.
@@ -122,6 +124,7 @@ class TrainStream:
         turns: int = 1,
         min_objects: int = 1,
         categories: list[str] | None = None,
+        boost: dict[str, float] | None = None,
     ):
         self.tok, self.n_img_tok, self.length = tok, num_image_tokens, length
         self.n_image_rows, self.n_text_rows = n_image_rows, n_text_rows
@@ -135,6 +138,11 @@ class TrainStream:
             if unknown:
                 raise ValueError(f"unknown image-question category {unknown[0]!r}")
             image_w = {k: v for k, v in image_w.items() if k in categories}
+        for k, factor in (boost or {}).items():
+            if k not in questions.image_weights():
+                raise ValueError(f"unknown image-question category {k!r}")
+            if k in image_w:
+                image_w[k] = image_w[k] * factor
         self.image_w = image_w
         self.image_q = questions.iter_records(
             "train", seed=seed, weights=image_w, min_objects=min_objects
