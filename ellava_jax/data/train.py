@@ -101,8 +101,6 @@ class TrainConfig:
     # The tower and projector learn at tower_lr_scale x lr after stage 1 (0: frozen; the
     # decoder's losses pulled the aux loss from 0.02 to 0.1-0.2 even at 0.1).
     tower_lr_scale: float = 0.0
-    # The mixed phase restarts the learning-rate schedule (warmup, cosine over its steps).
-    restart_lr: bool = False
     # Every text_every-th step of the mixed phase is a text-phase batch (short rows, cheap):
     # facts are learned alongside the image questions rather than before them. A text phase
     # first taught "What colour is the <name>?" as recall, and the image questions that share
@@ -383,17 +381,11 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
     )
     total = tc.text_steps + tc.steps
     params = init_toy_params(config, tc)
-    if tc.restart_lr:  # each phase its own warmup and cosine decay
-        phases = [
-            optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, n, tc.lr * 0.05)
-            for n in (max(tc.text_steps, tc.warmup + 1), tc.steps)
-        ]
-        sched = optax.join_schedules(phases, [tc.text_steps])
-    else:
-        sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, total, tc.lr * 0.05)
     # The tower, projector and aux head have their own optimizer, stepped only by batches
     # with images: AdamW on zero gradients keeps moving them along its stale momentum (and
-    # decays them), which undid stage 1 when every other step was a text batch.
+    # decays them), which undid stage 1 when every other step was a text batch. At
+    # tower_lr_scale 0 they are frozen and no gradient is taken for them.
     image_steps = tc.steps - (tc.steps // tc.text_every if tc.text_every else 0)
     vision_lr = tc.lr * tc.tower_lr_scale
     vision_sched = optax.warmup_cosine_decay_schedule(
@@ -405,7 +397,7 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
             optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=tc.weight_decay)
         )
 
-    opt_text, opt_vision = adamw(sched), adamw(vision_sched)
+    opts = {"text": adamw(sched), "vision": adamw(vision_sched)}
     aux = _aux_init(config, jax.random.key(tc.seed + 1))
     if tc.vision_steps:
         params, aux = pretrain_vision(config, params, aux, tc, log)
@@ -413,23 +405,24 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         "text": {k: v for k, v in params.items() if k not in _TOWER},
         "vision": {"tower": {k: params[k] for k in _TOWER}, "aux": aux},
     }
-    opt_state = {"text": opt_text.init(state["text"]), "vision": opt_vision.init(state["vision"])}
+    opt_state = {k: opts[k].init(state[k]) for k in opts}
 
     @jax.jit
     def step(state, opt_state, batch):
-        def loss(s):
+        # static: one compilation per batch kind
+        with_vision = batch["pixel_values"] is not None and tc.tower_lr_scale > 0
+        trained = ("text", "vision") if with_vision else ("text",)
+
+        def loss(part):
+            s = {**state, **part}
             model = {**s["text"], **s["vision"]["tower"]}
             return _loss(config, model, s["vision"]["aux"], batch, tc)
 
-        (_, parts), grads = jax.value_and_grad(loss, has_aux=True)(state)
-        new_text, text_opt = _update(opt_text, grads["text"], opt_state["text"], state["text"])
-        new_state, new_opt = {**state, "text": new_text}, {**opt_state, "text": text_opt}
-        if batch["pixel_values"] is not None:  # static: one compilation per batch kind
-            vis, vis_opt = _update(
-                opt_vision, grads["vision"], opt_state["vision"], state["vision"]
-            )
-            new_state, new_opt = {**new_state, "vision": vis}, {**new_opt, "vision": vis_opt}
-        return new_state, new_opt, parts
+        (_, parts), grads = jax.value_and_grad(loss, has_aux=True)({k: state[k] for k in trained})
+        state, opt_state = dict(state), dict(opt_state)
+        for k in trained:
+            state[k], opt_state[k] = _update(opts[k], grads[k], opt_state[k], state[k])
+        return state, opt_state, parts
 
     keys = ("input_ids", "attention_mask", "pixel_values", "loss_weight", "row_kind")
     keys += ("cell_targets", "focus", "refs")
