@@ -26,13 +26,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="ellava_jax/assets/toy")
     for f in dataclasses.fields(toy.TrainConfig):
-        kind = type(f.default)
-        if kind is bool:  # --restart-lr 1 / 0
-
-            def kind(text: str) -> bool:
-                return text.lower() in ("1", "true", "yes")
-
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=344)
