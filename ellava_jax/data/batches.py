@@ -133,14 +133,12 @@ class TrainStream:
         self.turns = turns
         self.rng = np.random.default_rng([seed, 17])
         image_w = questions.image_weights()
+        unknown = sorted((set(categories or ()) | set(boost or ())) - set(image_w))
+        if unknown:
+            raise ValueError(f"unknown image-question category {unknown[0]!r}")
         if categories is not None:
-            unknown = sorted(set(categories) - set(image_w))
-            if unknown:
-                raise ValueError(f"unknown image-question category {unknown[0]!r}")
             image_w = {k: v for k, v in image_w.items() if k in categories}
         for k, factor in (boost or {}).items():
-            if k not in questions.image_weights():
-                raise ValueError(f"unknown image-question category {k!r}")
             if k in image_w:
                 image_w[k] = image_w[k] * factor
         self.image_w = image_w

@@ -243,48 +243,48 @@ def pretrain_vision(config: LlavaConfig, params: dict, aux: dict, tc: TrainConfi
     return {**params, **state["tower"]}, state["aux"]
 
 
-def _focus_loss(config: LlavaConfig, probs, input_ids, focus) -> jax.Array:
-    """Mean over supervised (position, head) pairs of KL(uniform on the focus cells' visual
-    tokens || the head's attention).
+def _kl_from_uniform(probs, mask) -> jax.Array:
+    """Mean over supervised (position, head) pairs of KL(uniform on the keys mask marks || the
+    head's attention).
 
-    probs [B, n_kv, group, T, S] (one layer's `attn_probs`); focus [B, T, F, 4] (`TrainStream`):
-    head f < F of the layer is taught to spread its attention evenly over the visual tokens of
-    the cells focus[b, t, f] marks.
+    probs [B, n_kv, group, T, S] (one layer's `attn_probs`); mask [B, T, F, S]: 1 on the keys
+    head f < F should spread its attention over at query t; a row of zeros is not supervised.
     """
     b, _, _, t, s = probs.shape
-    f = focus.shape[2]
-    probs = probs.reshape(b, -1, t, s)[:, :f].astype(jnp.float32)  # [B, F, T, S]
-    img = input_ids == config.image_token_index  # [B, S]
-    slot = jnp.clip(jnp.cumsum(img, axis=1) - 1, 0, config.num_image_tokens - 1)
-    cell = jnp.asarray(scenes.patch_cells())[slot]  # [B, S]: the grid cell of each key
-    focus = jnp.moveaxis(focus, 2, 1)  # [B, F, T, 4]
-    keys = jnp.take_along_axis(focus, jnp.broadcast_to(cell[:, None, None, :], (b, f, t, s)), 3)
-    keys = keys * img[:, None, None, :]  # [B, F, T, S]: 1 on the focus cells' visual tokens
-    n = jnp.sum(keys, axis=-1)  # [B, F, T]
-    target = keys / jnp.maximum(n, 1.0)[..., None]
+    f = mask.shape[2]
+    probs = jnp.moveaxis(probs.reshape(b, -1, t, s)[:, :f], 1, 2).astype(jnp.float32)
+    n = jnp.sum(mask, axis=-1)  # [B, T, F]
+    target = mask / jnp.maximum(n, 1.0)[..., None]
     kl = jnp.sum(target * (jnp.log(jnp.maximum(target, 1e-30)) - jnp.log(probs + 1e-6)), -1)
     where = n > 0
     return jnp.sum(kl * where) / jnp.maximum(1.0, jnp.sum(where))
 
 
-def _ref_loss(probs, refs) -> jax.Array:
-    """Mean over supervised (position, head) pairs of KL(uniform on the referring words'
-    tokens || the head's attention).
+def _focus_loss(config: LlavaConfig, probs, input_ids, focus) -> jax.Array:
+    """KL from uniform on the focus cells' visual tokens (`_kl_from_uniform`).
 
-    probs [B, n_kv, group, T, S] (one layer's `attn_probs`); refs int32 [B, T, F, K]
-    (`TrainStream`): head f < F is taught to read, at the position predicting an answer, the
-    tokens refs[b, t, f] (-1: none) of the words that name what its focus head reads.
+    focus [B, T, F, 4] (`TrainStream`): head f < F of the layer is taught to spread its
+    attention evenly over the visual tokens of the cells focus[b, t, f] marks.
     """
-    b, _, _, t, s = probs.shape
-    f = refs.shape[2]
-    probs = jnp.moveaxis(probs.reshape(b, -1, t, s)[:, :f], 1, 2)  # [B, T, F, S]
-    got = jnp.take_along_axis(probs.astype(jnp.float32), jnp.maximum(refs, 0), axis=-1)
-    valid = refs >= 0  # [B, T, F, K]
-    n = jnp.sum(valid, axis=-1)  # [B, T, F]
-    logp = jnp.log(got + 1e-6)
-    kl = -jnp.log(jnp.maximum(n, 1)) - jnp.sum(logp * valid, -1) / jnp.maximum(n, 1)
-    where = n > 0
-    return jnp.sum(kl * where) / jnp.maximum(1.0, jnp.sum(where))
+    b, t, f, _ = focus.shape
+    s = input_ids.shape[1]
+    img = input_ids == config.image_token_index  # [B, S]
+    slot = jnp.clip(jnp.cumsum(img, axis=1) - 1, 0, config.num_image_tokens - 1)
+    cell = jnp.asarray(scenes.patch_cells())[slot]  # [B, S]: the grid cell of each key
+    mask = jnp.take_along_axis(focus, jnp.broadcast_to(cell[:, None, None, :], (b, t, f, s)), 3)
+    return _kl_from_uniform(probs, mask * img[:, None, None, :])
+
+
+def _ref_loss(probs, refs) -> jax.Array:
+    """KL from uniform on the referring words' tokens (`_kl_from_uniform`).
+
+    refs int32 [B, T, F, K] (`TrainStream`): head f < F is taught to read, at the position
+    predicting an answer, the tokens refs[b, t, f] (-1: none) of the words that name what its
+    focus head reads.
+    """
+    s = probs.shape[-1]
+    mask = jnp.sum(jax.nn.one_hot(refs, s) * (refs >= 0)[..., None], axis=3)  # [B, T, F, S]
+    return _kl_from_uniform(probs, mask)
 
 
 def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig):
@@ -338,6 +338,11 @@ def parse_boost(text: str) -> dict[str, float]:
         if not sep:
             raise ValueError(f"category_boost item {item!r} is not name=factor")
     return out
+
+
+def _model(state: dict) -> dict:
+    """The LLaVA parameter tree of a training state (decoder part and tower part)."""
+    return {**state["text"], **state["vision"]["tower"]}
 
 
 def _update(opt, grads, opt_state, params):
@@ -415,8 +420,7 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
 
         def loss(part):
             s = {**state, **part}
-            model = {**s["text"], **s["vision"]["tower"]}
-            return _loss(config, model, s["vision"]["aux"], batch, tc)
+            return _loss(config, _model(s), s["vision"]["aux"], batch, tc)
 
         (_, parts), grads = jax.value_and_grad(loss, has_aux=True)({k: state[k] for k in trained})
         state, opt_state = dict(state), dict(opt_state)
@@ -441,8 +445,8 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
                 f"vision {a:.3f} focus {f:.3f} refs {r:.3f}  {time.time() - t0:6.0f}s"
             )
         if probe is not None and probe_every and i > 0 and i % probe_every == 0:
-            probe(i, {**state["text"], **state["vision"]["tower"]})
-    return {**state["text"], **state["vision"]["tower"]}
+            probe(i, _model(state))
+    return _model(state)
 
 
 def _last_logits(config: LlavaConfig, params, input_ids, attention_mask, pixel_values):
