@@ -322,6 +322,15 @@ def test_train_stream_multi_turn_rows(tok):
     assert all(n <= t for n, t in zip(per_row, turns))
     row, pos, head, k = np.nonzero(b["refs"] >= 0)
     assert all(int(b["input_ids"][r, p + 1]) in letters for r, p in zip(row, pos))
+    # answer_class: at each position that predicts a letter, the answer the letter stands for
+    nxt = np.roll(b["input_ids"], -1, axis=1)
+    predicts = np.isin(nxt, list(letters)) & (np.roll(b["target_mask"], -1, axis=1) == 1)
+    np.testing.assert_array_equal(b["answer_class"] >= 0, predicts)
+    space = questions.answer_space()
+    for r, p in zip(*np.nonzero(predicts)):
+        turn = tok.decode(b["input_ids"][r, : p + 1].tolist()).split("USER:")[-1]
+        letter = tok.decode([int(nxt[r, p])]).strip()
+        assert f"{letter}. {space[b['answer_class'][r, p]]}\n" in turn, (turn, letter)
     at = b["refs"][row, pos, head, k]
     assert (at < pos).all() and (b["attention_mask"][row, at] == 1).all()
     assert not np.isin(b["input_ids"][row, at], [image, eos]).any()
@@ -329,7 +338,7 @@ def test_train_stream_multi_turn_rows(tok):
 
 def test_focus_and_refs_name_what_the_answer_depends_on():
     """Record.focus: per focus head the cells its answer is read from; Record.refs: the
-    question's words that name them (a pair's first object for head 0, its second for head 1)."""
+    question's words that name them (the same for both heads)."""
     seen = set()
     for rec, scene in _take(questions.iter_records("train", seed=5), 600):
         seen.add(rec.category)
@@ -339,31 +348,28 @@ def test_focus_and_refs_name_what_the_answer_depends_on():
         if scene is None:
             assert rec.focus is None and rec.refs  # recall names its creature
             continue
-        if rec.category == "context" or "that lives in" in rec.question:
+        if rec.category == "context":
             assert rec.focus is None  # the object is found through another text, not the words
             continue
         if rec.category == "presence" and rec.choices[rec.answer] == "no":
             assert rec.focus is None  # nothing to look at
             continue
         assert rec.focus is not None and len(rec.focus) == questions.FOCUS_HEADS, rec.question
-        first, second = ([scene.at(c) for c in cells] for cells in rec.focus)
+        assert len(set(rec.focus)) == 1 and len(set(rec.refs or ())) <= 1  # heads read alike
+        objs = [scene.at(c) for c in rec.focus[0]]
         answer = rec.choices[rec.answer]
         if rec.category == "count":
-            assert rec.focus == (questions.WHOLE_IMAGE,) * 2  # a count reads the whole image
+            assert rec.focus[0] == questions.WHOLE_IMAGE  # a count reads the whole image
             continue
-        assert all(o is not None for o in first + second), (rec.question, rec.focus)
+        assert all(o is not None for o in objs), (rec.question, rec.focus)
         if rec.category == "colour":
-            assert [o.colour for o in first] == [answer] and first == second
+            assert [o.colour for o in objs] == [answer]
         elif rec.category == "shape":
-            assert [o.shape for o in first] == [answer] and first == second
-        elif rec.category == "spatial" and answer in scenes.POSITIONS:
-            assert [o.position for o in first] == [answer]
-        elif rec.category == "spatial":  # a pair: head 0 the first object named, head 1 the second
-            a, b = first[0], second[0]
-            assert rec.refs == (a.kind, b.kind) and a is not b
-            assert rec.question.index(a.kind) < rec.question.index(b.kind)
+            assert [o.shape for o in objs] == [answer]
+        elif rec.category == "spatial":
+            assert [o.position for o in objs] == [answer]
         elif rec.category == "presence":
-            assert [o.kind for o in first] == [rec.refs[0]]
+            assert [o.kind for o in objs] == [rec.refs[0]]
     assert seen == set(questions.CATEGORY_WEIGHTS)
 
 

@@ -1,4 +1,7 @@
-"""The toy's training stages: the auxiliary vision loss, its pretraining stage, the focus loss."""
+"""The toy's training stages: the auxiliary vision loss, its pretraining stage, the focus,
+reference and answer-readout losses."""
+
+import itertools
 
 import jax
 import numpy as np
@@ -77,3 +80,25 @@ def test_ref_loss_is_kl_from_uniform_on_the_named_words():
     probs[0, 0, 1, t - 1, 7] = 1.0  # head 1 reads its word only
     refs[0, t - 1, 0] = -1
     np.testing.assert_allclose(float(toy._ref_loss(probs, refs)), 0, atol=1e-4)
+
+
+def test_readout_loss_is_the_cross_entropy_at_answer_positions():
+    """Only positions with an answer class count, each its own class's -log p."""
+    head = {"kernel": np.zeros((4, 3), np.float32), "bias": np.log([0.5, 0.25, 0.25])}
+    x = np.random.default_rng(0).normal(size=(1, 5, 4)).astype(np.float32)  # kernel 0: unused
+    classes = np.full((1, 5), -1, np.int32)
+    classes[0, 2], classes[0, 4] = 0, 1
+    got = float(toy._readout_loss(head, x, classes))
+    np.testing.assert_allclose(got, (np.log(2) + np.log(4)) / 2, rtol=1e-5)
+    assert float(toy._readout_loss(head, x, np.full((1, 5), -1, np.int32))) == 0.0
+
+
+def test_answer_space_holds_every_toy_answer_once():
+    from ellava_jax.data import questions
+
+    space = questions.answer_space()
+    assert len(space) == len(set(space))
+    for rec, _ in itertools.islice(questions.iter_records("train", seed=3), 300):
+        assert space[questions.answer_class(rec)] == rec.choices[rec.answer]
+    rec.choices, rec.answer = ["maybe", "never"], 0  # a user's record: not a toy answer
+    assert questions.answer_class(rec) == -1

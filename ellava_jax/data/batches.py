@@ -107,7 +107,9 @@ class TrainStream:
     question's answer letter, per focus head 1 for each grid cell it should read
     (`Record.focus`), 0 elsewhere; and `refs` int32 [B, T, F, MAX_REF_TOKENS]: at the
     same positions (text-only questions too), per focus head the row positions of the
-    question's words that name what it reads (`Record.refs`), -1 for none.
+    question's words that name what it reads (`Record.refs`), -1 for none; and
+    `answer_class` int32 [B, T]: at those positions the answer's `questions.answer_class`,
+    -1 elsewhere.
     """
 
     def __init__(
@@ -169,7 +171,8 @@ class TrainStream:
 
     def _turn(self, ids: list[int], start: int, answer_at: int, r) -> tuple:
         """(position predicting r's answer letter, r.focus, per focus head the positions of the
-        tokens naming its object: the last occurrence of r.refs[h] in ids[start:answer_at])."""
+        tokens naming its object: the last occurrence of r.refs[h] in ids[start:answer_at],
+        r's `questions.answer_class`)."""
         refs = None
         if r.refs is not None:
             refs = []
@@ -181,7 +184,7 @@ class TrainStream:
                 if at < 0:
                     raise AssertionError(f"{phrase!r} is not in the question {r.question!r}")
                 refs.append(list(range(at, at + len(want))))
-        return answer_at, r.focus, refs
+        return answer_at, r.focus, refs, questions.answer_class(r)
 
     def __next__(self) -> dict:
         rows, pixels, kinds, cells = [], [], [], []  # kind: 0 question, 1 caption, 2 stream
@@ -226,11 +229,13 @@ class TrainStream:
         heads = questions.FOCUS_HEADS
         out["focus"] = np.zeros((len(rows), self.length, heads, 4), np.float32)
         out["refs"] = np.full((len(rows), self.length, heads, MAX_REF_TOKENS), -1, np.int32)
+        out["answer_class"] = np.full((len(rows), self.length), -1, np.int32)
         for i, ((ids, _), turns) in enumerate(zip(rows, focus)):
             if len(ids) > self.length:  # cut (only captions are ever this long)
                 continue
             off = self.length - len(ids)
-            for t, where, refs in turns:
+            for t, where, refs, answer in turns:
+                out["answer_class"][i, off + t] = answer
                 for h in range(heads):
                     if where is not None:
                         out["focus"][i, off + t, h, list(where[h])] = 1.0

@@ -7,21 +7,22 @@ Categories (and what they need):
     context                                    the image and a text `context` (who owns what)
     recall                                     a remembered fact, no image (ScienceQA's NO column)
 
-Each image question function returns (question, choices, answer, context, focus) or None when
-the scene cannot support it; focus is the grid cells whose objects the answer depends on, when
+Each image question function returns (question, choices, answer, context, focus, refs) or None
+when the scene cannot support it; focus is the grid cells whose objects the answer depends on, when
 the question's own words pick them out (None when no object is named, as for an absent kind, or
 when the object is found only through another text: a context sentence or a remembered fact),
 kept on the record for training only.
 
-Each question offers every answer of its form, in a fixed order (2 for yes/no, 4 for shapes,
-positions and directions, 5 for colours, counts and fact values), and one correct index. Everything is deterministic in
-(TASK_SEED, split, index). Scenes reach a split only through their content bucket
+Each question offers every answer of its form, in a fixed order (2 for yes/no, 4 for shapes and
+positions, 5 for colours, counts and fact values), and one correct index. Everything is
+deterministic in (TASK_SEED, split, index). Scenes reach a split only through their content bucket
 (`scenes.split_of`), so train, validation, test and proxy never share an image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from ellava_jax.data import facts, scenes
 from ellava_jax.data.records import Record, save_image, write_records
 from ellava_jax.data.scenes import COLOURS, POSITIONS, SHAPES, Obj, Scene
 
-TASK_SEED = 4  # the toy task's version; a change makes a new task
+TASK_SEED = 5  # the toy task's version; a change makes a new task
 SPLIT_CODES = {"train": 1, "validation": 2, "test": 3, "proxy": 4}
 SPLIT_SIZES = {"validation": 500, "test": 1200}
 
@@ -84,6 +85,22 @@ def _refs(scene: Scene, o: Obj, avoid: str = "") -> list[str]:
     return out
 
 
+@cache
+def answer_space() -> tuple[str, ...]:
+    """Every answer any toy question can have (each option list's words, once): the classes of
+    the answer readout that training may teach (`train.TrainConfig.readout_weight`)."""
+    spaces = (COLOURS, SHAPES, POSITIONS, NUMBERS, ("yes", "no"))
+    spaces += tuple(facts.RELATIONS.values())
+    return tuple(dict.fromkeys(w for space in spaces for w in space))
+
+
+def answer_class(rec: Record) -> int:
+    """Index of rec's answer in `answer_space()`, -1 when it is not a toy answer."""
+    space = answer_space()
+    answer = rec.choices[rec.answer]
+    return space.index(answer) if answer in space else -1
+
+
 def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
@@ -92,23 +109,18 @@ FOCUS_HEADS = 2  # decoder heads a record's focus teaches (`Record.focus`)
 WHOLE_IMAGE = (0, 1, 2, 3)
 
 
-def _focus(first, second=None):
-    """Per focus head, the cells it should read: one object's for both heads, a pair's split
-    between them (head 0 the first named object, head 1 the second)."""
-    first = tuple(first)
-    return (first, tuple(second) if second is not None else first)
+def _focus(cells):
+    """Per focus head, the cells it should read: every question reads one set of cells (an
+    object's or the whole image), the same for both heads."""
+    return (tuple(cells),) * FOCUS_HEADS
 
 
-def _ref(first: str | None, second: str | None = None) -> tuple[str, str] | None:
+def _ref(phrase: str | None) -> tuple[str, ...] | None:
     """Per focus head, the words of the question that name what it reads ("top left", "red
     square"): a referring phrase less "the", "object" and "in"; None when nothing is named."""
-    if not first:
+    if not phrase:
         return None
-
-    def words(phrase: str) -> str:
-        return " ".join(w for w in phrase.split() if w not in ("the", "object", "in"))
-
-    return words(first), words(second or first)
+    return (" ".join(w for w in phrase.split() if w not in ("the", "object", "in")),) * FOCUS_HEADS
 
 
 def q_colour(rng, scene):
@@ -145,40 +157,18 @@ def q_count(rng, scene):
     return q, *_choices(NUMBERS[len(hits)], NUMBERS), None, _focus(WHOLE_IMAGE), _ref(ref)
 
 
-RELATIVE = ("above", "below", "left of", "right of")
-
-
 def q_spatial(rng, scene):
-    objs = scene.objects
-    form = int(rng.integers(3))
-    if form == 0:
-        o = _pick(rng, objs)
-        q = f"Where is the {o.kind}?"
-        return q, *_choices(o.position, POSITIONS), None, _focus((o.cell,)), _ref(o.kind)
-    pairs = [(a, b) for a in objs for b in objs if a is not b]
-    if form == 1:  # yes/no on a pair in different rows or columns
-        if not pairs:
-            return None
-        a, b = _pick(rng, pairs)
-        if a.row != b.row and (a.col == b.col or rng.integers(2) == 0):
-            word = _pick(rng, ("above", "below"))
-            truth = a.row < b.row if word == "above" else a.row > b.row
-        else:
-            word = _pick(rng, ("left of", "right of"))
-            truth = a.col < b.col if word == "left of" else a.col > b.col
-        q = f"Is the {a.kind} {word} the {b.kind}?"
-        return q, *_yes_no(truth), None, _focus((a.cell,), (b.cell,)), _ref(a.kind, b.kind)
-    # form 2: a pair sharing a row or a column, which way is one from the other
-    pairs = [(a, b) for a, b in pairs if a.row == b.row or a.col == b.col]
-    if not pairs:
-        return None
-    a, b = _pick(rng, pairs)
-    if a.row == b.row:
-        word = "left of" if a.col < b.col else "right of"
-    else:
-        word = "above" if a.row < b.row else "below"
-    q = f"Where is the {a.kind} compared to the {b.kind}?"
-    return q, *_choices(word, RELATIVE), None, _focus((a.cell,), (b.cell,)), _ref(a.kind, b.kind)
+    """Where one object is.
+
+    Not asked, measured on full training runs: questions on a pair of objects. "Is A left of
+    B?" (yes/no) stayed at chance (52%) even with spatial questions alone; "Where is A
+    compared to B?" (left of, right of, above, below) reached 70% alone but stayed at chance
+    in the full mixture (18%, not even the axis right), with the answer readout that took
+    "Where is the X?" from 55% to 100%.
+    """
+    o = _pick(rng, scene.objects)
+    q = f"Where is the {o.kind}?"
+    return q, *_choices(o.position, POSITIONS), None, _focus((o.cell,)), _ref(o.kind)
 
 
 def q_presence(rng, scene):
@@ -194,18 +184,14 @@ def q_presence(rng, scene):
 
 
 def q_knowledge(rng, scene):
-    """Image + remembered fact: a property of a seen object, or where the one with it is."""
+    """Image + remembered fact: a property of a seen object.
+
+    Not asked: "Where is the object that lives in the marsh?" (from a fact to a kind to its
+    place in the image): the toy answered it at 34% (chance 25%) after the full training run,
+    and it shares its words and options with "Where is the <kind>?", which it held down.
+    """
     kinds = facts.creature_of_kind()
-    form = int(rng.integers(5))
-    if form == 4:  # where is the object that lives in X: its home must be unique in the scene
-        homes = [kinds[o.kind].home for o in scene.objects]
-        unique = [o for o, h in zip(scene.objects, homes) if homes.count(h) == 1]
-        if len(scene.objects) < 2 or not unique:
-            return None
-        o = _pick(rng, unique)
-        q = f"Where is the object that lives in the {kinds[o.kind].home}?"
-        home = kinds[o.kind].home
-        return q, *_choices(o.position, POSITIONS), None, None, _ref(home)  # through a fact
+    form = int(rng.integers(4))
     o = _pick(rng, scene.objects)
     # the kind itself is never named here: that would make it a text-only question
     ref = _pick(rng, _refs(scene, o, "kind"))
@@ -225,16 +211,13 @@ def q_context(rng, scene):
         f"{owned[i][0]} owns the object in the {owned[i][1].position}." for i in order
     )
     p, o = owned[int(rng.integers(len(owned)))]
-    form = int(rng.integers(3))
-    if form == 0:
+    # Not asked: "Where does the object Ann owns live?" (context, then image, then a fact):
+    # 44% after the full training run.
+    if rng.integers(2) == 0:
         q = f"What colour is the object {p} owns?"
         return q, *_choices(o.colour, COLOURS), context, None, _ref(p)
-    if form == 1:
-        q = f"What shape is the object {p} owns?"
-        return q, *_choices(o.shape, SHAPES), context, None, _ref(p)
-    c = facts.creature_of_kind()[o.kind]
-    q = f"Where does the object {p} owns live?"
-    return q, *_choices(c.home, facts.RELATIONS["home"]), context, None, _ref(p)
+    q = f"What shape is the object {p} owns?"
+    return q, *_choices(o.shape, SHAPES), context, None, _ref(p)
 
 
 def q_recall(rng):

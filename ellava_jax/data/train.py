@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from ellava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from ellava_jax.data import batches, scenes
+from ellava_jax.data import batches, questions, scenes
 from ellava_jax.data import tokenizer as T
 from ellava_jax.data.records import Record
 from ellava_jax.model import forward, init_params
@@ -84,10 +84,10 @@ class TrainConfig:
     # Weight of the focus loss: at the position that predicts an image question's answer,
     # head f < questions.FOCUS_HEADS of decoder layer focus_layer is taught to spread its
     # attention evenly over the visual tokens of the cells `Record.focus[f]` names: one
-    # object's for both heads, a pair's split between them (so that "is A left of B" and "is
-    # B left of A" differ), the whole image for a count (the share of red tokens is the
-    # number of red objects over four). KL from that uniform target. Without it the decoder
-    # reads any object rather than the one a question names.
+    # object's, or the whole image for a count (the share of red tokens is the number of red
+    # objects over four). KL from that uniform target. Without it the decoder reads any object
+    # rather than the one a question names. (Heads are separate so that a question on a pair
+    # could give each its own object; the task has none, measured: `questions.q_spatial`.)
     focus_weight: float = 1.0
     focus_layer: int = 1
     # Weight of the reference loss: at the same positions, head f of decoder layer ref_layer
@@ -110,6 +110,13 @@ class TrainConfig:
     # Training-mixture factors on CATEGORY_WEIGHTS ("spatial=2,context=2"); the splits keep
     # CATEGORY_WEIGHTS. More practice where the toy is weakest.
     category_boost: str = ""
+    # Weight of the answer readout loss: a linear head (dropped after training, as the vision
+    # aux head is) reads the answer itself (`questions.answer_space`: a colour, a place, a
+    # number, a fact's value) off the normed input of decoder layer readout_layer at every
+    # answer position. It asks the layers below to have fetched the answer by then, so that
+    # the layers above only turn it into the option letter. 0: off.
+    readout_weight: float = 1.0
+    readout_layer: int = 2
 
 
 def toy_config(
@@ -209,6 +216,21 @@ def _aux_loss(aux: dict, image_features, cell_targets) -> jax.Array:
     return total
 
 
+def _readout_init(config: LlavaConfig, key) -> dict:
+    n = len(questions.answer_space())
+    k = jax.random.normal(key, (config.text.hidden_size, n), jnp.float32) * 0.02
+    return {"kernel": k, "bias": jnp.zeros((n,), jnp.float32)}
+
+
+def _readout_loss(head: dict, x, answer_class) -> jax.Array:
+    """Mean cross-entropy of reading each answer position's answer class off x [B, T, H]
+    (answer_class [B, T], -1: not an answer position)."""
+    logp = jax.nn.log_softmax(x.astype(jnp.float32) @ head["kernel"] + head["bias"], axis=-1)
+    where = answer_class >= 0
+    nll = -jnp.take_along_axis(logp, jnp.maximum(answer_class, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * where) / jnp.maximum(1.0, jnp.sum(where))
+
+
 def pretrain_vision(config: LlavaConfig, params: dict, aux: dict, tc: TrainConfig, log=print):
     """Stage 1: the vision tower and projector alone learn to read each cell (the aux loss).
 
@@ -287,7 +309,7 @@ def _ref_loss(probs, refs) -> jax.Array:
     return _kl_from_uniform(probs, mask)
 
 
-def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig):
+def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig, readout=None):
     ids, am = batch["input_ids"], batch["attention_mask"]
     embeds = embed_text(config, params, ids)
     aux_term = focus_term = jnp.float32(0.0)
@@ -311,14 +333,19 @@ def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig):
     if tc.ref_weight:
         probs = layers[str(tc.ref_layer)]["self_attn"]["attn_probs"][0]
         ref_term = _ref_loss(probs, batch["refs"])
+    readout_term = jnp.float32(0.0)
+    if tc.readout_weight:
+        x = layers[str(tc.readout_layer)]["attn_in"][0]
+        readout_term = _readout_loss(readout, x, batch["answer_class"])
     logits = lm_head(config, params, hidden)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     per_row = jnp.sum(nll * batch["loss_weight"][:, :-1], axis=1)  # [B]
     kinds = jax.nn.one_hot(batch["row_kind"], 3)  # question, caption, stream
-    parts = jnp.concatenate([per_row @ kinds, aux_term[None], focus_term[None], ref_term[None]])
+    terms = (aux_term, focus_term, ref_term, readout_term)
+    parts = jnp.concatenate([per_row @ kinds, jnp.stack(terms)])
     total = jnp.sum(per_row) + tc.aux_weight * aux_term + tc.focus_weight * focus_term
-    total = total + tc.ref_weight * ref_term
+    total = total + tc.ref_weight * ref_term + tc.readout_weight * readout_term
     return total, parts
 
 
@@ -402,13 +429,15 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
             optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=tc.weight_decay)
         )
 
-    opts = {"text": adamw(sched), "vision": adamw(vision_sched)}
+    # the answer readout head learns with the decoder, in a part of its own (not shipped)
+    opts = {"text": adamw(sched), "vision": adamw(vision_sched), "readout": adamw(sched)}
     aux = _aux_init(config, jax.random.key(tc.seed + 1))
     if tc.vision_steps:
         params, aux = pretrain_vision(config, params, aux, tc, log)
     state = {
         "text": {k: v for k, v in params.items() if k not in _TOWER},
         "vision": {"tower": {k: params[k] for k in _TOWER}, "aux": aux},
+        "readout": _readout_init(config, jax.random.key(tc.seed + 2)),
     }
     opt_state = {k: opts[k].init(state[k]) for k in opts}
 
@@ -416,11 +445,11 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
     def step(state, opt_state, batch):
         # static: one compilation per batch kind
         with_vision = batch["pixel_values"] is not None and tc.tower_lr_scale > 0
-        trained = ("text", "vision") if with_vision else ("text",)
+        trained = ("text", "readout") + (("vision",) if with_vision else ())
 
         def loss(part):
             s = {**state, **part}
-            return _loss(config, _model(s), s["vision"]["aux"], batch, tc)
+            return _loss(config, _model(s), s["vision"]["aux"], batch, tc, s["readout"])
 
         (_, parts), grads = jax.value_and_grad(loss, has_aux=True)({k: state[k] for k in trained})
         state, opt_state = dict(state), dict(opt_state)
@@ -429,7 +458,7 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
         return state, opt_state, parts
 
     keys = ("input_ids", "attention_mask", "pixel_values", "loss_weight", "row_kind")
-    keys += ("cell_targets", "focus", "refs")
+    keys += ("cell_targets", "focus", "refs", "answer_class")
     t0 = time.time()
     for i in range(total):
         j = i - tc.text_steps  # step of the mixed phase
@@ -439,10 +468,11 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
             b = next(starter if i < tc.text_steps + tc.curriculum_steps else stream)
         state, opt_state, loss = step(state, opt_state, {k: b[k] for k in keys})
         if i % tc.log_every == 0 or i == total - 1:
-            q, c, s, a, f, r = (float(x) for x in loss)
+            q, c, s, a, f, r, o = (float(x) for x in loss)
             log(
                 f"step {i:5d}  loss question {q:.3f} caption {c:.3f} text {s:.3f} "
-                f"vision {a:.3f} focus {f:.3f} refs {r:.3f}  {time.time() - t0:6.0f}s"
+                f"vision {a:.3f} focus {f:.3f} refs {r:.3f} readout {o:.3f}"
+                f"  {time.time() - t0:6.0f}s"
             )
         if probe is not None and probe_every and i > 0 and i % probe_every == 0:
             probe(i, _model(state))
