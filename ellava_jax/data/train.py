@@ -7,8 +7,9 @@ phase: image questions (optionally several turns a row), image captions, text-on
 and the text stream that states the fact base (see `batches.TrainStream`), every parameter
 trained with AdamW and a warmup-cosine schedule, the auxiliary vision loss kept on, a focus
 loss that teaches two decoder heads where each image question's answer is (`_focus_loss`),
-and a reference loss that teaches two heads of the layer below to read the words that say
-what to look for (`_ref_loss`).
+a reference loss that teaches two heads of the layer below to read the words that say
+what to look for (`_ref_loss`), and an answer readout loss that asks the decoder's lower
+layers to have fetched the answer itself (`_readout_loss`).
 `scripts/train_toy.py` is the launcher; `score` and `magnitude_prune` are the quick checks it
 reports (the harness of record is `ellava eval`).
 """
@@ -190,10 +191,14 @@ _AUX_CLASSES = (
 )
 
 
+def _linear_head(config: LlavaConfig, n_classes: int, key) -> dict:
+    """A linear classifier on the decoder's width (the training-only heads: aux, readout)."""
+    k = jax.random.normal(key, (config.text.hidden_size, n_classes), jnp.float32) * 0.02
+    return {"kernel": k, "bias": jnp.zeros((n_classes,), jnp.float32)}
+
+
 def _aux_init(config: LlavaConfig, key) -> dict:
-    n = sum(_AUX_CLASSES)
-    k = jax.random.normal(key, (config.text.hidden_size, n), jnp.float32) * 0.02
-    return {"kernel": k, "bias": jnp.zeros((n,), jnp.float32)}
+    return _linear_head(config, sum(_AUX_CLASSES), key)
 
 
 def _aux_loss(aux: dict, image_features, cell_targets) -> jax.Array:
@@ -217,9 +222,7 @@ def _aux_loss(aux: dict, image_features, cell_targets) -> jax.Array:
 
 
 def _readout_init(config: LlavaConfig, key) -> dict:
-    n = len(questions.answer_space())
-    k = jax.random.normal(key, (config.text.hidden_size, n), jnp.float32) * 0.02
-    return {"kernel": k, "bias": jnp.zeros((n,), jnp.float32)}
+    return _linear_head(config, len(questions.answer_space()), key)
 
 
 def _readout_loss(head: dict, x, answer_class) -> jax.Array:
