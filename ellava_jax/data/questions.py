@@ -8,15 +8,15 @@ Categories (and what they need):
     recall                                     a remembered fact, no image (ScienceQA's NO column)
 
 Each image question function returns (question, choices, answer, context, focus, refs) or None
-when the scene cannot support it; focus is the grid cells whose objects the answer depends on, when
-the question's own words pick them out (None when no object is named, as for an absent kind, or
-when the object is found only through another text: a context sentence or a remembered fact),
-kept on the record for training only.
+when the scene cannot support it; focus is the grid cells whose objects the answer depends on,
+when the question's own words pick them out (None when no object is named, as for an absent
+kind, or when the object is found only through the context), kept on the record for training
+only.
 
 Each question offers every answer of its form, in a fixed order (2 for yes/no, 4 for shapes and
 positions, 5 for colours, counts and fact values), and one correct index. Everything is
-deterministic in (TASK_SEED, split, index). Scenes reach a split only through their content bucket
-(`scenes.split_of`), so train, validation, test and proxy never share an image.
+deterministic in (TASK_SEED, split, index). Scenes reach a split only through their content
+bucket (`scenes.split_of`), so train, validation, test and proxy never share an image.
 """
 
 from __future__ import annotations

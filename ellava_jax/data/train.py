@@ -448,7 +448,8 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
     def step(state, opt_state, batch):
         # static: one compilation per batch kind
         with_vision = batch["pixel_values"] is not None and tc.tower_lr_scale > 0
-        trained = ("text", "readout") + (("vision",) if with_vision else ())
+        trained = ("text",) + (("readout",) if tc.readout_weight else ())
+        trained += ("vision",) if with_vision else ()
 
         def loss(part):
             s = {**state, **part}
