@@ -36,6 +36,7 @@ from ellava_jax.tokens.apply import (
 from ellava_jax.tokens.recipe import (
     Recipe,
     RecipeMismatchError,
+    calibration_divergence,
     fit_recipe,
     keep_all,
     model_signature,
@@ -298,7 +299,10 @@ def test_bad_inputs_are_clear_errors(tiny_model):
 def fitted(tiny_model):
     config, params = tiny_model
     cal = random_calibration(config, 16, seed=0)
-    return cal, {r: fit_recipe(config, params, cal, r) for r in (0.0, 0.3, 0.5)}
+    return cal, {
+        r: fit_recipe(config, params, cal, r, flops_scope="prompt", start_layer=0)
+        for r in (0.0, 0.3, 0.5)
+    }
 
 
 def test_recipe_is_monotone_and_meets_the_budget(tiny_model, fitted):
@@ -328,13 +332,13 @@ def test_flops_scope_and_reference_length(tiny_model, fitted):
     config, params = tiny_model
     cal, recipes = fitted
     # FitPrune's accounting: the visual tokens' FLOPs alone (text tokens left out).
-    r = fit_recipe(config, params, cal, 0.5, flops_scope="visual")
+    r = fit_recipe(config, params, cal, 0.5, start_layer=0)
     assert r.flops_scope == "visual" and r.flops_reduction >= 0.5
     assert r.flops_reduction == pytest.approx(flops_reduction(config, 0, 1, r.keep))
     # The same budget over the whole prompt (text included) needs more dropping.
     assert sum(recipes[0.5].keep) <= sum(r.keep)
     # A longer deployment prompt: the budget is computed for it.
-    r40 = fit_recipe(config, params, cal, 0.3, text_tokens=12)
+    r40 = fit_recipe(config, params, cal, 0.3, flops_scope="prompt", text_tokens=12)
     assert r40.text_tokens == 12
     assert flops_reduction(config, 12, 1, r40.keep) == pytest.approx(r40.flops_reduction)
     assert r40.flops_reduction >= 0.3
@@ -347,6 +351,26 @@ def test_unreachable_budget_is_a_clear_error(tiny_model):
     cal = random_calibration(config, 4, seed=1)
     with pytest.raises(ValueError, match="out of reach"):
         fit_recipe(config, params, cal, 0.95)
+    with pytest.raises(ValueError, match="start_layer=2"):
+        fit_recipe(config, params, cal, 0.3, start_layer=2)
+
+
+def test_start_layer_is_chosen_by_calibration_divergence(tiny_model):
+    """Each start that meets the budget is fitted; the kept one departs least from dense."""
+    config, params = tiny_model
+    n = config.num_image_tokens
+    cal = random_calibration(config, 8, seed=3)
+    keep_all_kl, drop_kl = calibration_divergence(config, params, cal, [(n, n), (4, 4)])
+    assert keep_all_kl == pytest.approx(0.0, abs=1e-6) and drop_kl > 1e-4
+    late = fit_recipe(config, params, cal, 0.3, start_layer=1)
+    assert late.keep[0] == n and late.start_layer == 1 and late.flops_reduction >= 0.3
+    auto = fit_recipe(config, params, cal, 0.3)
+    assert set(auto.divergence) == {"0", "1"}
+    assert auto.start_layer == min((0, 1), key=lambda s: (auto.divergence[str(s)], s))
+    fixed = fit_recipe(config, params, cal, 0.3, start_layer=auto.start_layer)
+    assert fixed.keep == auto.keep and fixed.divergence == {}
+    kls = calibration_divergence(config, params, cal, [fixed.keep, late.keep])
+    assert auto.divergence[str(auto.start_layer)] == pytest.approx(kls[0], rel=1e-5)
 
 
 def test_recipe_json_round_trip_and_model_mismatch(tiny_model, fitted, tmp_path):

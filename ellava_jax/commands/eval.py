@@ -57,6 +57,9 @@ def run(args) -> int:
         logits_fn=logits_fn,
     )
     res["model"] = model_dir
+    res["decoder_prefill_flops"] = _prefill_flops(
+        config, params, tok, records, recipe.keep if args.token_recipe else None
+    )
     if args.proxy:
         from transformers import AutoTokenizer
 
@@ -69,8 +72,43 @@ def run(args) -> int:
     print(f"accuracy {res['accuracy']:.4f} on {res['n']} questions ({res['scoring']})")
     for cat, acc in res["per_category"].items():
         print(f"  {cat:>10}: {acc:.4f} (n={res['per_category_n'][cat]})")
+    f = res["decoder_prefill_flops"]
+    if f is not None:
+        print(
+            f"decoder prefill FLOPs per image prompt ({f['text_tokens']} text tokens): "
+            f"{f['model']:.4g} vs dense {f['dense']:.4g} ({f['reduction']:.1%} less; weights "
+            f"{f['reduction_weights']:.1%}, visual tokens {f['reduction_tokens']:.1%})"
+        )
     if "proxy_perplexity" in res:
         print(f"proxy perplexity {res['proxy_perplexity']:.3f}")
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def _prefill_flops(config, params, tok, records, keep) -> dict | None:
+    """Analytic decoder prefill FLOPs of the evaluated model (its measured weight sparsity, and
+    the token recipe's `keep`) against the dense model, for the mean image prompt of `records`."""
+    from ellava_jax.data import tokenizer as T
+    from ellava_jax.eval.flops import decoder_prefill_flops, sparsity_of_params, total_flops
+
+    with_image = [r for r in records if r.has_image]
+    if not with_image:
+        return None
+    n = config.num_image_tokens
+    text = round(sum(len(T.encode_record(tok, r, n)[0]) - n for r in with_image) / len(with_image))
+    sparsity = sparsity_of_params(config, params)
+
+    def flops(keep_, sparsity_):
+        return total_flops(decoder_prefill_flops(config, text, 1, keep_, sparsity_))
+
+    dense = flops(None, None)
+    return {
+        "text_tokens": text,
+        "images": 1,
+        "dense": dense,
+        "model": flops(keep, sparsity),
+        "reduction": 1.0 - flops(keep, sparsity) / dense,
+        "reduction_weights": 1.0 - flops(None, sparsity) / dense,
+        "reduction_tokens": 1.0 - flops(keep, None) / dense,
+    }

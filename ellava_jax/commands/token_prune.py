@@ -30,10 +30,17 @@ def add_arguments(p):
     )
     p.add_argument(
         "--flops-scope",
-        default="prompt",
-        choices=["prompt", "visual"],
-        help="what the reduction is of: the decoder's whole prefill of the reference prompt "
-        "(default), or the FLOPs of its visual tokens alone (FitPrune's accounting)",
+        default="visual",
+        choices=["visual", "prompt"],
+        help="what the reduction is of: the FLOPs of the visual tokens alone (default, "
+        "FitPrune's accounting), or the decoder's whole prefill of the reference prompt",
+    )
+    p.add_argument(
+        "--start-layer",
+        type=int,
+        default=None,
+        help="first decoder layer that drops tokens (default: 0, 1 or 2, whichever recipe "
+        "changes the calibration batch's next-token distributions least)",
     )
     p.add_argument(
         "--text-tokens",
@@ -73,8 +80,12 @@ def run(args) -> int:
         flops_scope=args.flops_scope,
         text_tokens=args.text_tokens,
         batch_size=args.batch_size,
+        start_layer=args.start_layer,
     )
     recipe.save(args.out)
+    from ellava_jax.eval.flops import flops_reduction
+
+    prompt_reduction = flops_reduction(config, recipe.text_tokens, recipe.images, recipe.keep)
     summary = {
         "model": path or args.model,
         "out": args.out,
@@ -84,6 +95,9 @@ def run(args) -> int:
         "keep": list(recipe.keep),
         "visual_tokens": config.num_image_tokens,
         "flops_scope": recipe.flops_scope,
+        "prompt_flops_reduction": round(prompt_reduction, 4),
+        "start_layer": recipe.start_layer,
+        "divergence": {k: round(v, 5) for k, v in recipe.divergence.items()},
         "reference_prompt": {"text_tokens": recipe.text_tokens, "images": recipe.images},
         "samples": recipe.samples,
         "recipe_seconds": round(recipe.seconds, 3),
