@@ -98,6 +98,11 @@ def test_vmapped_fitness_equals_the_python_loop(tiny_search):
     j, loss, g = fitness(config, params, db, space, idx, batch, 0.5)
     np.testing.assert_allclose(np.asarray(j), np.asarray(loss) + 0.5 * np.asarray(g), rtol=1e-6)
     assert (np.asarray(g) < 0).all()  # pruning only removes norm here
+    # A population that repeats policies: each distinct one runs once, the scores are the same.
+    rep = idx[[0, 3, 0, 1, 3, 3]]
+    j2, loss2, g2 = fitness(config, params, db, space, rep, batch, 0.5)
+    np.testing.assert_allclose(np.asarray(loss2), ref[[0, 3, 0, 1, 3, 3]], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g2), np.asarray(g)[[0, 3, 0, 1, 3, 3]], rtol=1e-6)
 
 
 def test_projector_training_moves_only_the_projector_and_lowers_its_loss(tiny_search):
@@ -112,6 +117,33 @@ def test_projector_training_moves_only_the_projector_and_lowers_its_loss(tiny_se
     assert not np.allclose(
         new["linear_1"]["kernel"], params["multi_modal_projector"]["linear_1"]["kernel"]
     )
+
+
+def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):
+    """c_m puts nearly all weight on a few candidates; dropping the rest changes nothing real."""
+    from ellava_jax.search.projector import merge_duplicates, significant
+
+    assert list(significant([0.5, 1e-9, 0.3, 0.2 - 1e-9])) == [0, 2, 3, 1]  # all needed -> 4
+    assert list(significant([0.6, 1e-9, 0.4, 0.0])) == [0, 2]
+    assert list(significant([1e-9, 1.0, 0.0])) == [1]
+    assert list(significant([0.1, 0.6, 0.3], mass=1.0)) == [1, 2, 0]
+    rows, w = merge_duplicates(np.array([[1, 2], [0, 0], [1, 2], [3, 1]]), [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_array_equal(rows, [[1, 2], [0, 0], [3, 1]])
+    np.testing.assert_allclose(w, [0.4, 0.2, 0.4])
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(4, np.random.default_rng(2))
+    c = np.array([0.55, 0.45 - 2e-6, 1e-6, 1e-6])
+    kw = dict(steps=4, lr=1e-3)
+    every = train_projector(config, params, db, space, idx, c, fb.mm, mass=1.0, **kw)
+    two = train_projector(config, params, db, space, idx, c, fb.mm, **kw)
+    only_two = train_projector(config, params, db, space, idx[:2], c[:2] / c[:2].sum(), fb.mm, **kw)
+    doubled = train_projector(
+        config, params, db, space, idx[[0, 1, 1]], [0.55, 0.2, 0.25], fb.mm, **kw
+    )
+    for a, b in ((two, only_two), (two, every), (two, doubled)):
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-4)
+        for x, y in zip(jax.tree_util.tree_leaves(a[0]), jax.tree_util.tree_leaves(b[0])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
 
 
 def _evolve(tiny_search, ckdir, stop=None):

@@ -207,8 +207,20 @@ def fitness(
     *,
     streaming: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better."""
-    loss = population_losses(config, params, db, space, idx, batch, dense_logp, streaming=streaming)
+    """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better.
+
+    A policy that appears several times in `idx` (a converging population repeats policies) is
+    run once: the distinct policies are scored in a batch padded to a power of two, so the
+    population pass compiles for a handful of sizes.
+    """
+    idx = np.asarray(idx)
+    uniq, inverse = np.unique(idx, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    size = min(1 << (len(uniq) - 1).bit_length(), len(idx))
+    padded = np.concatenate([uniq, np.repeat(uniq[:1], size - len(uniq), 0)])
+    loss = population_losses(
+        config, params, db, space, padded, batch, dense_logp, streaming=streaming
+    )[jnp.asarray(inverse)]
     g = generalization_term(space, db, idx)
     return loss + eta * g, loss, g
 

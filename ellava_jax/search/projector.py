@@ -97,6 +97,27 @@ def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm):
     return proj, losses
 
 
+def merge_duplicates(idx, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of `idx` [M, E] (first-seen order) and the summed weight of each."""
+    idx = np.asarray(idx)
+    uniq, first, inverse = np.unique(idx, axis=0, return_index=True, return_inverse=True)
+    summed = np.bincount(inverse.reshape(-1), weights=np.asarray(weights, np.float64))
+    order = np.argsort(first, kind="stable")
+    return uniq[order], summed[order]
+
+
+def significant(weights, mass: float = 0.999) -> np.ndarray:
+    """Indices of the heaviest candidates that together hold at least `mass` of the weight,
+    rounded up to a power of two (so the training step compiles for at most log2(M) + 1
+    population sizes); heaviest first. mass >= 1 keeps every candidate."""
+    w = np.asarray(weights, np.float64)
+    order = np.argsort(-w, kind="stable")
+    if mass >= 1.0:
+        return order
+    n = int(np.searchsorted(np.cumsum(w[order]), mass * w.sum())) + 1
+    return order[: min(1 << (n - 1).bit_length(), len(w))]
+
+
 def train_projector(
     config: LlavaConfig,
     params: dict,
@@ -108,12 +129,25 @@ def train_projector(
     *,
     steps: int,
     lr: float,
+    mass: float = 0.999,
 ) -> tuple[dict, np.ndarray]:
-    """Adam on sum_m c_m L_m(W_p) over the top candidates; returns (new projector, loss per step)."""
+    """Adam on sum_m c_m L_m(W_p) over the top candidates; returns (new projector, loss per step).
+
+    The top candidates often repeat a policy (the population converges, and a small grid has
+    few valid policies): each distinct policy is run once with the sum of its weights, which
+    is exact. c_m (eq. 7) is a softmax of negative squared distances and often puts nearly all
+    its weight on two or three candidates: only those holding `mass` of it are run
+    (`significant`), their weights renormalised; the objective changes by at most 1 - mass of
+    its weight.
+    """
     proj = params["multi_modal_projector"]
     if steps <= 0:
         return proj, np.zeros(0)
-    lv_layers = jnp.asarray(np.asarray(top_idx)[:, layer_entries(space)])
+    top_idx, weights = merge_duplicates(top_idx, weights)
+    keep = significant(weights, mass)
+    top_idx, weights = top_idx[keep], weights[keep]
+    weights = weights / weights.sum()
+    lv_layers = jnp.asarray(top_idx[:, layer_entries(space)])
     stacks = [db.layer_kernels(layer) for layer in range(config.text.num_hidden_layers)]
     w = jnp.asarray(weights, jnp.float32)
     new, losses = _train(proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm)

@@ -173,6 +173,7 @@ def run_search(
                 fb.mm,
                 steps=settings.projector_steps,
                 lr=settings.projector_lr,
+                mass=settings.projector_mass,
             )
 
         def show(r):

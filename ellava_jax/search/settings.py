@@ -34,6 +34,7 @@ class SearchSettings:
     # search-space evolution (projector training)
     projector_steps: int = 20  # 0 = "No Evo"
     projector_lr: float = 1e-4
+    projector_mass: float = 0.999  # train on the candidates holding this share of c_m (1 = all)
     projector_loss: str = "kl"  # kl to the dense model (label-free) | lm
     weighting: str = "neighbors"  # neighbors (c_m, eq. 7) | uniform ("Evo w/o UB")
     # proxy data (paper: 64 segments x 256 tokens of PTB)
