@@ -454,7 +454,8 @@ class Demo:
             "keep": list(recipe.keep),
             "visual_tokens": config.num_image_tokens,
             "reference_prompt": {"text_tokens": tt, "images": im},
-            "flops_reduction_tokens": recipe.flops_reduction,
+            "flops_reduction_tokens": flops_reduction(config, tt, im, keep=recipe.keep),
+            "flops_reduction_visual": recipe.flops_reduction,
             "flops_reduction_weights": flops_reduction(config, tt, im, sparsity=sparsity),
             "flops_reduction_total": flops_reduction(
                 config, tt, im, keep=recipe.keep, sparsity=sparsity

@@ -10,6 +10,9 @@ HELP = (
 )
 
 
+DEMO_ROUNDS = 4
+
+
 def _p0_list(s: str) -> list[float]:
     try:
         return [float(x) for x in s.split(",") if x.strip()]
@@ -32,7 +35,13 @@ def add_arguments(p):
         "--bench-seq-len", type=int, default=64, help="tokens of the timed prefill (default 64)"
     )
     p.add_argument("--population", type=int, default=None, help="override the recipes' population")
-    p.add_argument("--rounds", type=int, default=None, help="override the recipes' rounds")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=DEMO_ROUNDS,
+        help=f"search rounds per p0 (default {DEMO_ROUNDS}, which keeps the toy demo near 20 "
+        "minutes on 2 CPU cores; `ellava search` runs the recipes' 10)",
+    )
     p.add_argument(
         "--eval-limit", type=int, default=None, help="evaluate on the first N test questions"
     )
