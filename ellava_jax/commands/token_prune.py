@@ -62,6 +62,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ellava_jax.eval.flops import flops_reduction
     from ellava_jax.models import load_model
     from ellava_jax.tokens.recipe import calibration_for, fit_recipe
 
@@ -83,8 +84,6 @@ def run(args) -> int:
         start_layer=args.start_layer,
     )
     recipe.save(args.out)
-    from ellava_jax.eval.flops import flops_reduction
-
     prompt_reduction = flops_reduction(config, recipe.text_tokens, recipe.images, recipe.keep)
     summary = {
         "model": path or args.model,
