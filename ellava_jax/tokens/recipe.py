@@ -467,18 +467,18 @@ def calibration_divergence(
 ) -> list[float]:
     """Mean KL(dense || pruned) of the next-token distributions at the calibration batch's text
     positions after its first image, for each recipe `keeps[i]` applied with `score`."""
+    from ellava_jax.search.fitness import token_loss_sum
     from ellava_jax.tokens.apply import forward_with_recipe
 
     totals, count = np.zeros(len(keeps)), 0
     for ids, mask, pix, _ in _chunks(calibration, config, batch_size):
         pix = jnp.asarray(pix) if pix.shape[0] else None
         vis = ids == config.image_token_index
-        after = jnp.asarray((np.cumsum(vis, 1) > 0) & ~vis & (mask > 0))
+        after = jnp.asarray((np.cumsum(vis, 1) > 0) & ~vis & (mask > 0), jnp.float32)
         dense = jax.nn.log_softmax(forward_with_recipe(config, params, ids, pix, mask, None), -1)
         for i, keep in enumerate(keeps):
             logits = forward_with_recipe(config, params, ids, pix, mask, keep, score=score)
-            kl = jnp.sum(jnp.exp(dense) * (dense - jax.nn.log_softmax(logits, -1)), -1)
-            totals[i] += float(jnp.sum(jnp.where(after, kl, 0.0)))
+            totals[i] += float(token_loss_sum(logits, None, after, dense)[0])
         count += int(after.sum())
     return list(totals / max(count, 1))
 
