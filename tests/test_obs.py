@@ -250,6 +250,24 @@ def test_chunks_and_tiles_do_not_change_the_result():
     assert abs(e1 - e2) <= 1e-3 * e1
 
 
+def test_big_kernel_speed_defaults_give_the_same_result(monkeypatch):
+    """Kernels past ``_BIG_KERNEL`` weights use short chunks (8 blocks of 64 here, in chunks of
+    2): same result as the small-kernel defaults up to float rounding."""
+    w, x = _problem(seed=3, n_in=512, n_out=64, n_tok=1024, dead=(5,), outliers=(70,))
+    h = jnp.asarray(_hessian(x))
+    kernel = jnp.asarray(w.T)
+    for nm in [(0, 0), (2, 4)]:
+        q1, m1 = sparsegpt(kernel, h, 0.5, prune_n=nm[0], prune_m=nm[1], blocksize=64)
+        monkeypatch.setattr(obs, "_BIG_KERNEL", 1)
+        monkeypatch.setattr(obs, "_BIG", dict(chunks=4, min_chunk=2))
+        q2, m2 = sparsegpt(kernel, h, 0.5, prune_n=nm[0], prune_m=nm[1], blocksize=64)
+        monkeypatch.undo()
+        assert np.mean(np.asarray(m1) == np.asarray(m2)) > 0.999
+        assert float(jnp.mean(~m2)) == pytest.approx(0.5, abs=1.0 / m2.size * 8)
+        e1, e2 = _recon(x, w, np.asarray(q1).T), _recon(x, w, np.asarray(q2).T)
+        assert abs(e1 - e2) <= 1e-3 * e1
+
+
 def test_blocked_reverse_cholesky():
     """The recursive (matmul) factorisation: h = r r^T, r upper, as LAPACK's on the reversed h."""
     rng = np.random.default_rng(5)
