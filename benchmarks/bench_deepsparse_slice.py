@@ -10,6 +10,12 @@ pruned at 50% and 70%: with our SparseGPT (``ellava_jax.prune.obs.sparsegpt``, r
 inputs) when ``--pruner sparsegpt`` and that module exists, else by magnitude (per matrix).
 Two graphs per model: prefill of ``--seq`` tokens, one decode step at a ``--seq``-token context.
 
+The ceiling, in the same run (``--no-ceiling`` skips it): the bare LLaMA-7B MLP matmuls
+(``x @ W1 [4096, 11008] @ W2 [11008, 4096]``, no activation, pruned the same way) timed in
+DeepSparse at one token and at ``--seq`` tokens, dense against each sparsity. How much a sparse
+kernel gains depends on the CPU (AVX2 or AVX-512, cores, memory bandwidth), so the slice's
+speedup is reported beside this machine's own ceiling and as a share of it.
+
 Before timing, the runner checks every model's DeepSparse outputs against onnxruntime and
 refuses to report on a mismatch. Figures: medians over all timed runs, speedup of each sparse
 model over DeepSparse dense, and the 1 / (1 - s) limit. Needs ``.venv-deepsparse``
@@ -131,6 +137,68 @@ def pruned_params(params: dict, sparsity: float, prune) -> dict:
     return out
 
 
+def export_bare_mlp(w1: np.ndarray, w2: np.ndarray, tokens: int, path: str) -> None:
+    """``y = x @ w1 @ w2`` for ``x [1, tokens, in]``: the bare matmuls of the ceiling."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, w1.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, w2.shape[1]])
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        ],
+        "bare_mlp",
+        [x],
+        [y],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", conv.DEFAULT_OPSET)])
+    model.ir_version = conv.IR_VERSION
+    onnx.save(model, path)
+
+
+def measure_ceiling(cfg: SliceConfig, args, prune, wd: str) -> dict:
+    """DeepSparse speedup of the bare MLP matmuls, {graph: {sparsity name: paired speedup}}."""
+    rng = np.random.default_rng(1)
+    H, F = cfg.hidden_size, cfg.intermediate_size
+    w1 = rng.standard_normal((H, F), dtype=np.float32) * np.float32(1 / np.sqrt(H))
+    w2 = rng.standard_normal((F, H), dtype=np.float32) * np.float32(1 / np.sqrt(F))
+    weights = {"dense": (w1, w2)}
+    for s in args.sparsities:
+        weights[f"sparse{round(s * 100)}"] = (prune(w1, s), prune(w2, s))
+    out = {}
+    for g in args.graphs:
+        tokens = 1 if g == "decode" else args.seq
+        paths = {}
+        for name, (a, b) in weights.items():
+            paths[name] = os.path.join(wd, f"ceiling_{g}_{name}.onnx")
+            export_bare_mlp(a, b, tokens, paths[name])
+        feeds = {"x": rng.standard_normal((1, tokens, H), dtype=np.float32)}
+        res = ds.benchmark_models(
+            paths,
+            feeds,
+            engines=["deepsparse"],
+            warmup=2,
+            runs=args.decode_runs if g == "decode" else args.prefill_runs,
+            rounds=args.decode_rounds if g == "decode" else args.prefill_rounds,
+            num_cores=args.num_cores,
+            workdir=os.path.join(wd, f"run_ceiling_{g}"),
+        )
+        base = res["models"]["dense"]["engines"]["deepsparse"]
+        out[g] = {
+            name: ds.paired_speedup(base, m["engines"]["deepsparse"])
+            for name, m in res["models"].items()
+            if name != "dense"
+        }
+        print(
+            f"# ceiling {g} ({tokens} tokens), paired: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in out[g].items())
+        )
+    return out
+
+
 def measured_sparsity(params: dict) -> float:
     z = n = 0
     for layer in params["language_model"]["layers"].values():
@@ -163,6 +231,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     ap.add_argument(
         "--reuse", action="store_true", help="reuse graphs a previous --keep run left in --workdir"
+    )
+    ap.add_argument(
+        "--no-ceiling", action="store_true", help="skip the bare-MLP ceiling of this machine"
     )
     ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = ap.parse_args(argv)
@@ -212,8 +283,10 @@ def main(argv=None) -> int:
             json.dump({"key": [args.layers, pruner_name], "sparsity": sparsity}, f)
     print(f"# exported {sum(len(v) for v in paths.values())} graphs in {time.time() - t0:.0f}s")
 
+    ceiling = {} if args.no_ceiling else measure_ceiling(cfg, args, prune, wd)
     summary = {
         "engine": "deepsparse",
+        "ceiling_paired": ceiling,
         "pruner": pruner_name,
         "seq": args.seq,
         "layers": args.layers,
@@ -268,6 +341,7 @@ def main(argv=None) -> int:
                         "speedup_paired": paired,
                         "speedup_min": base["min_ms"] / t["min_ms"],
                         "limit": ds.speedup_limit(s),
+                        "ceiling": ceiling.get(g, {}).get(name),
                         "target": target,
                         "tokens_per_s": (args.seq if g == "prefill" else 1)
                         / (t["median_ms"] / 1e3),
@@ -286,21 +360,25 @@ def main(argv=None) -> int:
 
     hdr = (
         f"{'graph':8} {'model':9} {'engine':12} {'sparsity':>8} {'median ms':>10} {'min ms':>8} "
-        f"{'speedup':>8} {'paired':>7} {'of min':>7} {'limit':>6} {'target':>7} {'DS graph %':>10} {'subgr':>5}"
+        f"{'speedup':>8} {'paired':>7} {'of min':>7} {'limit':>6} {'ceiling':>8} {'of ceil':>7} "
+        f"{'target':>7} {'DS graph %':>10} {'subgr':>5}"
     )
     print(hdr)
     print("-" * len(hdr))
     for g, name, eng, r, comp in lines:
         tgt = f"{r['target']:.2f}x" if r["target"] else ""
+        ceil = f"{r['ceiling']:.2f}x" if r["ceiling"] and eng == "deepsparse" else ""
+        of_ceil = f"{r['speedup_paired'] / r['ceiling']:.2f}" if ceil else ""
         pct = f"{comp['supported_pct']:.1f}" if comp["supported_pct"] is not None else "?"
         print(
             f"{g:8} {name:9} {eng:12} {r['sparsity']:8.3f} {r['median_ms']:10.1f} {r['min_ms']:8.1f} "
             f"{r['speedup']:7.2f}x {r['speedup_paired']:6.2f}x {r['speedup_min']:6.2f}x {r['limit']:5.2f}x "
-            f"{tgt:>7} {pct:>10} {comp['subgraphs']!s:>5}"
+            f"{ceil:>8} {of_ceil:>7} {tgt:>7} {pct:>10} {comp['subgraphs']!s:>5}"
         )
     print(
         "(speedups vs DeepSparse dense in the same run: of medians; 'paired' = median over interleaved "
-        "rounds of per-round ratios; 'of min' = ratio of fastest runs; limit = 1/(1-s))"
+        "rounds of per-round ratios; 'of min' = ratio of fastest runs; limit = 1/(1-s); ceiling = "
+        "paired speedup of the bare MLP matmuls on this machine; 'of ceil' = paired / ceiling)"
     )
     if args.json:
         print(json.dumps(summary))
