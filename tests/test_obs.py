@@ -268,6 +268,16 @@ def test_big_kernel_speed_defaults_give_the_same_result(monkeypatch):
         assert abs(e1 - e2) <= 1e-3 * e1
 
 
+def test_default_tile_fits_any_blocksize():
+    """The default tile shrinks to divide an odd block size; the result is the usual one."""
+    w, x = _problem(seed=4, n_in=120, n_out=16, n_tok=400, dead=(), outliers=())
+    h = jnp.asarray(_hessian(x))
+    q1, m1 = sparsegpt(jnp.asarray(w.T), h, 0.5, blocksize=40)  # tile 16 -> 8
+    q2, m2 = sparsegpt(jnp.asarray(w.T), h, 0.5, blocksize=40, tile=4)
+    assert np.mean(np.asarray(m1) == np.asarray(m2)) > 0.999
+    np.testing.assert_allclose(np.asarray(q1), np.asarray(q2), atol=1e-4)
+
+
 def test_blocked_reverse_cholesky():
     """The recursive (matmul) factorisation: h = r r^T, r upper, as LAPACK's on the reversed h."""
     rng = np.random.default_rng(5)

@@ -369,8 +369,7 @@ def _sparsegpt_jit(
         _prune_block, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, tile=tile
     )
 
-    # every product below has a transposed triangular factor on the left; they read the
-    # materialised transposes (XLA:CPU runs A^T @ B at about half the speed of A @ B)
+    # every product below has a transposed triangular factor on the left
     rt = _transposed(r)
     utdiag = _transposed(udiag)
 
@@ -456,7 +455,10 @@ def sparsegpt(
     if prune_m and (blocksize % prune_m or n % prune_m):
         raise ValueError(f"N:M needs M={prune_m} to divide blocksize and in ({blocksize}, {n})")
     speed = _BIG if kernel.size >= _BIG_KERNEL else _SMALL
-    tile = (8 if prune_m else 16) if tile is None else tile
+    if tile is None:  # the preferred size, halved until it divides the block
+        tile = 8 if prune_m else 16
+        while blocksize % tile and tile > max(1, prune_m):
+            tile //= 2
     chunks = speed["chunks"] if chunks is None else chunks
     if prune_m and tile % prune_m:
         tile = prune_m * max(1, tile // prune_m)
