@@ -270,6 +270,8 @@ def _obs_tiles(w, u, ut, inv_d, pruned, *, prune_n, prune_m, tile):
     nrow, nout = w.shape
     ntile = nrow // tile
 
+    fixed = None if prune_n else pruned.astype(_F32)  # unstructured: chosen for the block
+
     def step(t, carry):
         errs, masks = carry
         r0 = t * tile
@@ -277,17 +279,15 @@ def _obs_tiles(w, u, ut, inv_d, pruned, *, prune_n, prune_m, tile):
         wt = lax.dynamic_slice_in_dim(w, r0, tile, 0) - ut_rows @ errs  # later errs rows are 0
         utt = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(u, r0, tile, 1), r0, tile, 0)
         dt = lax.dynamic_slice_in_dim(inv_d, r0, tile, 0)
-        pt = None if prune_n else lax.dynamic_slice_in_dim(masks, r0, tile, 0)
+        pt = None if prune_n else lax.dynamic_slice_in_dim(fixed, r0, tile, 0)
         et, pt = _obs_base(wt, utt, dt, pt, prune_n=prune_n, prune_m=prune_m)
         errs = lax.dynamic_update_slice_in_dim(errs, et, r0, 0)
         if prune_n:
             masks = lax.dynamic_update_slice_in_dim(masks, pt, r0, 0)
         return errs, masks
 
-    if prune_n:
-        return lax.fori_loop(0, ntile, step, (jnp.zeros_like(w), jnp.zeros(w.shape, bool)))
-    errs, _ = lax.fori_loop(0, ntile, step, (jnp.zeros_like(w), pruned.astype(_F32)))
-    return errs, pruned
+    masks = jnp.zeros(w.shape, bool) if prune_n else pruned
+    return lax.fori_loop(0, ntile, step, (jnp.zeros_like(w), masks))
 
 
 def _prune_block(w, u, ut, valid, sparsity, *, prune_n, prune_m, tile):
