@@ -50,6 +50,28 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
 
 
+def attend(q, k, v, mask):
+    """Grouped-query attention core: q [B, T, nh, hd], k/v [B, S, n_kv, hd], mask [B, T, S] bool.
+
+    Returns (probs [B, n_kv, group, T, S], out [B, T, nh * hd]). Both products run as batched
+    matmuls with the batch axes (B, n_kv) leading and the group's queries stacked into one
+    [group * T, hd] operand: XLA:CPU runs that layout 1.4-4x faster than the same einsum written
+    over [B, T, n_kv, group, hd] (toy shapes, 2 cores). Scores and softmax are float32.
+    """
+    b, t, nh, hd = q.shape
+    s, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
+    qh = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, n_kv, S, hd]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (hd**-0.5)
+    scores = scores.reshape(b, nkv, g, t, s)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, nkv, g * t, s), vh)
+    out = out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd)
+    return probs, out
+
+
 def _dense(features: int, name: str):
     return nn.Dense(features, use_bias=False, kernel_init=_INIT, name=name)
 
@@ -75,14 +97,8 @@ class LlamaAttention(nn.Module):
                 cache["v"], v.astype(cache["v"].dtype), cache_index, 1
             )
             cache = {"k": k, "v": v}
-        g = nh // nkv
-        qg = q.reshape(b, t, nkv, g, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * (hd**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs, out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         self.sow("intermediates", "attn_probs", probs)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, nh * hd)
         self.sow("intermediates", "o_in", out)
         return _dense(c.hidden_size, "o_proj")(out), cache
 

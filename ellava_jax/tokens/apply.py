@@ -28,6 +28,7 @@ from ellava_jax.model.llama import (
     LlamaMLP,
     RMSNorm,
     apply_rope,
+    attend,
     attention_mask_4d,
     positions_from_mask,
     rope_cos_sin,
@@ -132,11 +133,7 @@ def attention(cfg, p, x, cos, sin, mask, cache=None):
         k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), 0, 1)
         v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), 0, 1)
         cache = {"k": k, "v": v}
-    qg = q.reshape(b, t, nkv, nh // nkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, nh * hd)
+    probs, out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     return out, probs, cache
 
 
