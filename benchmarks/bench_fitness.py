@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     proxy = load_proxy(s, config, model_dir)
     calib = build_calibration_set(config, params, proxy.calibration_batches())
     db = build_database(config, params, calib, space.levels, progress=False)
-    batch = FitnessBatches(config, params, proxy, s).batch(params["multi_modal_projector"])
+    parts = FitnessBatches(config, params, proxy, s).parts(params["multi_modal_projector"])
     idx = space.random(args.population, np.random.default_rng(0))
 
     def timed(fn):
@@ -61,12 +61,14 @@ def main(argv=None) -> int:
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts), np.asarray(out)
 
-    t_vmap, l_vmap = timed(lambda: population_losses(config, params, db, space, idx, batch))
-    t_loop, l_loop = timed(lambda: loop_losses(config, params, db, space, idx, batch))
-    n_tok = int(np.asarray(batch.attention_mask).sum())
+    t_vmap, l_vmap = timed(lambda: population_losses(config, params, db, space, idx, parts))
+    t_loop, l_loop = timed(lambda: loop_losses(config, params, db, space, idx, parts))
+    n_tok = sum(int(np.asarray(b.attention_mask).sum()) for b in parts)
+    n_pos = sum(int(np.prod(b.attention_mask.shape)) for b in parts)
+    shapes = ", ".join(f"{b.inputs_embeds.shape[0]}x{b.inputs_embeds.shape[1]}" for b in parts)
     print(
-        f"model {args.model}: {config.text.num_hidden_layers} layers, proxy {batch.inputs_embeds.shape[0]} "
-        f"samples x {batch.inputs_embeds.shape[1]} positions ({n_tok} real tokens), population {args.population}"
+        f"model {args.model}: {config.text.num_hidden_layers} layers, proxy parts {shapes} "
+        f"({n_pos} positions, {n_tok} real tokens), population {args.population}"
     )
     print(f"{'':>14} {'s/population':>13} {'candidates/s':>13}")
     print(f"{'vmapped':>14} {t_vmap:13.3f} {args.population / t_vmap:13.2f}")

@@ -6,6 +6,7 @@ import glob
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -89,27 +90,84 @@ def test_database_counts_levels_times_matrices(tiny_search):
 def test_vmapped_fitness_equals_the_python_loop(tiny_search):
     config, params, settings, space, db, fb = tiny_search
     idx = space.random(6, np.random.default_rng(1))
-    batch = fb.batch(params["multi_modal_projector"])
-    ours = np.asarray(population_losses(config, params, db, space, idx, batch))
-    ref = loop_losses(config, params, db, space, idx, batch)
+    parts = fb.parts(params["multi_modal_projector"])
+    ours = np.asarray(population_losses(config, params, db, space, idx, parts))
+    ref = loop_losses(config, params, db, space, idx, parts)
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
-    streamed = np.asarray(population_losses(config, params, db, space, idx, batch, streaming=True))
+    streamed = np.asarray(population_losses(config, params, db, space, idx, parts, streaming=True))
     np.testing.assert_allclose(streamed, ref, rtol=1e-5)
-    j, loss, g = fitness(config, params, db, space, idx, batch, 0.5)
+    j, loss, g = fitness(config, params, db, space, idx, parts, 0.5)
     np.testing.assert_allclose(np.asarray(j), np.asarray(loss) + 0.5 * np.asarray(g), rtol=1e-6)
     assert (np.asarray(g) < 0).all()  # pruning only removes norm here
     # A population that repeats policies: each distinct one runs once, the scores are the same.
     rep = idx[[0, 3, 0, 1, 3, 3]]
-    j2, loss2, g2 = fitness(config, params, db, space, rep, batch, 0.5)
+    j2, loss2, g2 = fitness(config, params, db, space, rep, parts, 0.5)
     np.testing.assert_allclose(np.asarray(loss2), ref[[0, 3, 0, 1, 3, 3]], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g2), np.asarray(g)[[0, 3, 0, 1, 3, 3]], rtol=1e-6)
+
+
+def test_fitness_caches_the_text_parts_per_policy(tiny_search):
+    """Text segments never see the projector: their loss is kept per policy, and a new
+    projector changes only the multimodal part of the score."""
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(6, np.random.default_rng(3))
+    proj = params["multi_modal_projector"]
+    cache = {}
+    _, plain, _ = fitness(config, params, db, space, idx, fb.parts(proj), 0.5)
+    _, cached, _ = fitness(config, params, db, space, idx, fb.parts(proj), 0.5, cache=cache)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), rtol=1e-6)
+    n_text = sum(p.fixed for p in fb.parts(proj))
+    assert n_text >= 1 and len(cache) == n_text * len(np.unique(idx, axis=0))
+    moved = jax.tree_util.tree_map(lambda x: x * 1.5, proj)
+    p2 = dict(params, multi_modal_projector=moved)
+    _, fresh, _ = fitness(config, p2, db, space, idx, fb.parts(moved), 0.5)
+    _, again, _ = fitness(config, p2, db, space, idx, fb.parts(moved), 0.5, cache=cache)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(fresh), rtol=1e-6)
+    assert not np.allclose(np.asarray(fresh), np.asarray(plain))  # the projector did matter
+    assert len(cache) == n_text * len(np.unique(idx, axis=0))  # nothing new to score
+
+
+def test_length_groups_give_the_loss_of_one_padded_batch(tiny_search):
+    """Samples of different lengths, grouped by length (images following their samples), score
+    the same L_proxy as all samples left-padded into one batch."""
+    from ellava_jax.prune.hessian import left_pad
+    from ellava_jax.search.fitness import ProxyBatch, next_token_targets
+    from ellava_jax.search.proxy_sources import ProxyData, length_buckets
+
+    config, params, settings, space, db, _ = tiny_search
+    proxy = random_proxy(config, 6, 24, 6, seed=5)
+    cut = np.array([0, 2, 1, 0, 2, 1])  # multimodal rows lose 0-2 leading tokens
+    mm_mask = proxy.mm_mask.copy()
+    for r, c in enumerate(cut):
+        mm_mask[r, :c] = 0
+    text_mask = proxy.text_mask.copy()
+    text_mask[:3, :5] = 0
+    proxy = ProxyData(proxy.text_ids, text_mask, proxy.mm_ids, mm_mask, proxy.mm_pixels)
+    assert [len(g) for g in length_buckets(mm_mask.sum(1), 4, 1)] == [2, 2, 2]
+    grouped = FitnessBatches(config, params, proxy, settings, max_buckets=4, min_rows=1)
+    parts = grouped.parts(params["multi_modal_projector"])
+    assert len(parts) == 5 and [p.fixed for p in parts] == [True, True, False, False, False]
+    # the reference: every sample left-padded to one length, images in their original order
+    from ellava_jax.model.llava import embed_inputs
+
+    t = max(proxy.text_ids.shape[1], proxy.mm_ids.shape[1])
+    ids = np.concatenate([left_pad(proxy.text_ids, t), left_pad(proxy.mm_ids, t)])
+    mask = np.concatenate([left_pad(text_mask, t), left_pad(mm_mask, t)])
+    emb_text = embed_inputs(config, params, jnp.asarray(ids[:6]), None)
+    emb_mm = embed_inputs(config, params, jnp.asarray(ids[6:]), jnp.asarray(proxy.mm_pixels))
+    labels, lmask = next_token_targets(config, ids, mask)
+    one = ProxyBatch(jnp.concatenate([emb_text, emb_mm]), jnp.asarray(mask), labels, lmask)
+    idx = space.random(4, np.random.default_rng(4))
+    ref = np.asarray(population_losses(config, params, db, space, idx, one))
+    ours = np.asarray(population_losses(config, params, db, space, idx, parts))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
 
 
 def test_projector_training_moves_only_the_projector_and_lowers_its_loss(tiny_search):
     config, params, settings, space, db, fb = tiny_search
     idx = space.random(4, np.random.default_rng(2))
     c = importance_weights(idx, 3)
-    new, losses = train_projector(config, params, db, space, idx, c, fb.mm, steps=8, lr=1e-4)
+    new, losses = train_projector(config, params, db, space, idx, c, fb.training, steps=8, lr=1e-4)
     assert losses[-1] < losses[0]
     assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(
         params["multi_modal_projector"]
@@ -134,11 +192,13 @@ def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):
     idx = space.random(4, np.random.default_rng(2))
     c = np.array([0.55, 0.45 - 2e-6, 1e-6, 1e-6])
     kw = dict(steps=4, lr=1e-3)
-    every = train_projector(config, params, db, space, idx, c, fb.mm, mass=1.0, **kw)
-    two = train_projector(config, params, db, space, idx, c, fb.mm, **kw)
-    only_two = train_projector(config, params, db, space, idx[:2], c[:2] / c[:2].sum(), fb.mm, **kw)
+    every = train_projector(config, params, db, space, idx, c, fb.training, mass=1.0, **kw)
+    two = train_projector(config, params, db, space, idx, c, fb.training, **kw)
+    only_two = train_projector(
+        config, params, db, space, idx[:2], c[:2] / c[:2].sum(), fb.training, **kw
+    )
     doubled = train_projector(
-        config, params, db, space, idx[[0, 1, 1]], [0.55, 0.2, 0.25], fb.mm, **kw
+        config, params, db, space, idx[[0, 1, 1]], [0.55, 0.2, 0.25], fb.training, **kw
     )
     for a, b in ((two, only_two), (two, every), (two, doubled)):
         np.testing.assert_allclose(a[1], b[1], rtol=1e-4)
@@ -148,14 +208,15 @@ def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):
 
 def _evolve(tiny_search, ckdir, stop=None):
     config, params, settings, space, db, fb = tiny_search
+    cache = {}  # one per search, as a resumed process starts with none
 
     def score(projector, idx):
         p = dict(params, multi_modal_projector=projector)
-        return fitness(config, p, db, space, idx, fb.batch(projector), settings.eta)
+        return fitness(config, p, db, space, idx, fb.parts(projector), settings.eta, cache=cache)
 
     def train(projector, top, c):
         p = dict(params, multi_modal_projector=projector)
-        return train_projector(config, p, db, space, top, c, fb.mm, steps=2, lr=1e-3)
+        return train_projector(config, p, db, space, top, c, fb.training, steps=2, lr=1e-3)
 
     cps = ckpt.RoundCheckpoints(ckdir)
     try:
@@ -216,6 +277,12 @@ def test_search_command_end_to_end_on_tiny(tmp_path, capsys):
         "search_total": 6 * 7 * n,
         "uniform_baseline": 7 * n,
     }
+    t = res["timings_s"]
+    for phase in ("database", "search", "final_prune", "uniform_prune"):
+        assert 0 <= t[f"{phase}_compile_s"] <= t[f"{phase}_s"], phase
+    work = sum(t[f"{p}_s"] - t[f"{p}_compile_s"] for p in ("database", "search", "final_prune"))
+    uniform_work = t["uniform_prune_s"] - t["uniform_prune_compile_s"]
+    assert res["cost_ratio_excluding_compile"] == pytest.approx(work / uniform_work)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 3 and all(len(r["c_m"]) == 6 for r in rounds)
     assert (out / "fitness.png").stat().st_size > 1000 and (out / "policy.png").exists()

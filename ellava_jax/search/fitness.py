@@ -10,6 +10,11 @@ The population runs through the decoder together: at each layer, each candidate'
 gathered from the database stacks ([K, in, out] -> [P, in, out]) and the layer is vmapped over
 candidates. `streaming=True` jits one layer at a time, so only one layer's weights per
 candidate are ever materialised (for 7B-sized models); the default jits the whole decoder.
+
+The proxy samples come as parts (`ProxyBatch` each), every part padded only to its own longest
+row; L_proxy is the token-weighted mean over all parts. A part marked `fixed` (the text
+segments: no image tokens, so the projector never reaches them) has a loss that only depends
+on the policy: `fitness` scores it once per distinct policy and keeps the sum in `cache`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,19 @@ class ProxyBatch:
     attention_mask: jax.Array  # [N, T]
     labels: jax.Array  # [N, T] the next token at each position
     label_mask: jax.Array  # [N, T] float, 1 where the next token is a real text token
+    dense_logp: jax.Array | None = None  # [N, T, V] the dense model's log-probs: KL loss
+    # True when the loss cannot depend on the projector (no image tokens): cacheable per policy
+    fixed: bool = struct.field(pytree_node=False, default=False)
+
+
+def as_parts(batch) -> list[ProxyBatch]:
+    """A ProxyBatch or a sequence of them -> a list of parts."""
+    return [batch] if isinstance(batch, ProxyBatch) else list(batch)
+
+
+def token_count(parts) -> float:
+    """Scored positions in all parts (the denominator of L_proxy)."""
+    return float(sum(float(jnp.sum(p.label_mask)) for p in as_parts(parts)))
 
 
 def next_token_targets(config: LlavaConfig, input_ids, attention_mask):
@@ -105,27 +123,23 @@ def token_loss_sum(logits, labels, label_mask, dense_logp=None):
     return (per_tok * label_mask).sum(), label_mask.sum()
 
 
-def _mean_token_loss(logits, labels, label_mask, dense_logp):
-    total, count = token_loss_sum(logits, labels, label_mask, dense_logp)
-    return total / jnp.maximum(count, 1.0)
-
-
-def _head_losses(config, params, h, labels, label_mask, dense_logp):
-    """Per-candidate mean loss from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
+def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
+    """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
     norm = RMSNorm(config.text.rms_norm_eps)
     norm_p = {"params": params["language_model"]["norm"]}
 
     def one(hp):
         logits = lm_head(config, params, norm.apply(norm_p, hp))
-        return _mean_token_loss(logits, labels, label_mask, dense_logp)
+        return token_loss_sum(logits, labels, label_mask, dense_logp)[0]
 
     return jax.lax.map(one, h)
 
 
 @partial(jax.jit, static_argnums=0)
-def _population_losses_jit(
+def _population_sums_jit(
     config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp
 ):
+    """[P] loss sums of one part for the candidates' levels lv_layers [P, L, 7]."""
     cfg = config.text
     p = lv_layers.shape[0]
     positions = positions_from_mask(mask)
@@ -137,7 +151,7 @@ def _population_losses_jit(
         h = _layer_population(
             cfg, layer, shared, stacks[layer], lv_layers[:, layer], h, cos, sin, m4
         )
-    return _head_losses(config, params, h, labels, label_mask, dense_logp)
+    return _head_loss_sums(config, params, h, labels, label_mask, dense_logp)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -148,28 +162,27 @@ def _layer_step_jit(cfg, layer, shared, stacks, lv, h, mask):
     return _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4)
 
 
-_head_losses_jit = jax.jit(_head_losses, static_argnums=0)
+_head_loss_sums_jit = jax.jit(_head_loss_sums, static_argnums=0)
 
 
-def population_losses(
+def population_loss_sums(
     config: LlavaConfig,
     params: dict,
     db: LevelDatabase,
     space: PolicySpace,
     idx,
     batch: ProxyBatch,
-    dense_logp=None,
     *,
     streaming: bool = False,
 ) -> jax.Array:
-    """L_proxy of each candidate: idx [P, E] level indices -> [P] mean loss per token."""
+    """Loss summed over one part's scored positions, per candidate: idx [P, E] -> [P]."""
     ent = layer_entries(space)
     lv_layers = jnp.asarray(np.asarray(idx)[:, ent])  # [P, L, 7]
     embeds = batch.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
     n = config.text.num_hidden_layers
     if not streaming:
         stacks = [db.layer_kernels(layer) for layer in range(n)]
-        return _population_losses_jit(
+        return _population_sums_jit(
             config,
             params,
             stacks,
@@ -178,7 +191,7 @@ def population_losses(
             batch.attention_mask,
             batch.labels,
             batch.label_mask,
-            dense_logp,
+            batch.dense_logp,
         )
     h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
     for layer in range(n):
@@ -192,7 +205,33 @@ def population_losses(
             h,
             batch.attention_mask,
         )
-    return _head_losses_jit(config, params, h, batch.labels, batch.label_mask, dense_logp)
+    return _head_loss_sums_jit(config, params, h, batch.labels, batch.label_mask, batch.dense_logp)
+
+
+def population_losses(
+    config: LlavaConfig,
+    params: dict,
+    db: LevelDatabase,
+    space: PolicySpace,
+    idx,
+    parts,
+    *,
+    streaming: bool = False,
+) -> jax.Array:
+    """L_proxy of each candidate: idx [P, E] level indices -> [P] mean loss per scored token
+    over all parts (a ProxyBatch or a list of them)."""
+    parts = as_parts(parts)
+    total = sum(
+        population_loss_sums(config, params, db, space, idx, b, streaming=streaming) for b in parts
+    )
+    return total / max(token_count(parts), 1.0)
+
+
+def _padded_sums(config, params, db, space, rows, batch, size, streaming) -> np.ndarray:
+    """population_loss_sums of `rows`, the batch padded (first row repeated) to `size` rows."""
+    padded = np.concatenate([rows, np.repeat(rows[:1], size - len(rows), 0)])
+    out = population_loss_sums(config, params, db, space, padded, batch, streaming=streaming)
+    return np.asarray(out, np.float64)[: len(rows)]
 
 
 def fitness(
@@ -201,26 +240,41 @@ def fitness(
     db: LevelDatabase,
     space: PolicySpace,
     idx,
-    batch: ProxyBatch,
+    parts,
     eta: float,
-    dense_logp=None,
     *,
+    cache: dict | None = None,
     streaming: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better.
 
     A policy that appears several times in `idx` (a converging population repeats policies) is
     run once: the distinct policies are scored in a batch padded to a power of two, so the
-    population pass compiles for a handful of sizes.
+    population pass compiles for a handful of sizes. With `cache` (a dict kept across calls
+    on the same parts), a `fixed` part is scored only for policies it has not seen.
     """
     idx = np.asarray(idx)
     uniq, inverse = np.unique(idx, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
-    size = min(1 << (len(uniq) - 1).bit_length(), len(idx))
-    padded = np.concatenate([uniq, np.repeat(uniq[:1], size - len(uniq), 0)])
-    loss = population_losses(
-        config, params, db, space, padded, batch, dense_logp, streaming=streaming
-    )[jnp.asarray(inverse)]
+    parts = as_parts(parts)
+
+    def size(n):
+        return min(1 << (n - 1).bit_length(), len(idx))
+
+    sums = np.zeros(len(uniq), np.float64)
+    for i, part in enumerate(parts):
+        if not (part.fixed and cache is not None):
+            sums += _padded_sums(config, params, db, space, uniq, part, size(len(uniq)), streaming)
+            continue
+        keys = [(i, part.inputs_embeds.shape, row.tobytes()) for row in uniq]
+        todo = [r for r, k in enumerate(keys) if k not in cache]
+        if todo:
+            new = _padded_sums(
+                config, params, db, space, uniq[todo], part, size(len(todo)), streaming
+            )
+            cache.update({keys[r]: v for r, v in zip(todo, new)})
+        sums += np.array([cache[k] for k in keys])
+    loss = jnp.asarray(sums / max(token_count(parts), 1.0), jnp.float32)[jnp.asarray(inverse)]
     g = generalization_term(space, db, idx)
     return loss + eta * g, loss, g
 
@@ -242,30 +296,22 @@ def assemble(
 
 
 @partial(jax.jit, static_argnums=0)
-def single_loss(config, params, embeds, mask, labels, label_mask, dense_logp=None):
-    """Loss of one model on the proxy batch, through `decode` (the loop baseline)."""
+def single_loss_sum(config, params, batch: ProxyBatch):
+    """Loss sum of one model on one part, through `decode` (the loop baseline)."""
     from ellava_jax.model.llava import decode
 
-    logits, _ = decode(config, params, embeds, mask)
-    return _mean_token_loss(logits, labels, label_mask, dense_logp)
+    logits, _ = decode(config, params, batch.inputs_embeds, batch.attention_mask)
+    return token_loss_sum(logits, batch.labels, batch.label_mask, batch.dense_logp)[0]
 
 
-def loop_losses(config, params, db, space, idx, batch: ProxyBatch, dense_logp=None) -> np.ndarray:
+def loop_losses(config, params, db, space, idx, parts) -> np.ndarray:
     """The same L_proxy as `population_losses`, one candidate at a time (Python loop)."""
+    parts = as_parts(parts)
+    count = max(token_count(parts), 1.0)
     out = []
     for row in np.asarray(idx):
         p = assemble(config, params, db, space, row)
-        out.append(
-            single_loss(
-                config,
-                p,
-                batch.inputs_embeds,
-                batch.attention_mask,
-                batch.labels,
-                batch.label_mask,
-                dense_logp,
-            )
-        )
+        out.append(sum(single_loss_sum(config, p, b) for b in parts) / count)
     return np.asarray(jnp.stack(out))
 
 

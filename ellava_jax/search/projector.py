@@ -19,7 +19,7 @@ from flax import struct
 from ellava_jax.config import LlavaConfig
 from ellava_jax.search.fitness import (
     ProxyBatch,
-    _population_losses_jit,
+    _population_sums_jit,
     layer_entries,
     project_and_merge,
 )
@@ -41,7 +41,9 @@ class MultimodalProxy:
         embeds = project_and_merge(
             config, projector_params, self.vision_feats, self.input_ids, self.text_embeds
         )
-        return ProxyBatch(embeds, self.attention_mask, self.labels, self.label_mask)
+        return ProxyBatch(
+            embeds, self.attention_mask, self.labels, self.label_mask, self.dense_logp
+        )
 
 
 def importance_weights(levels_idx, neighbors: int = 5, mode: str = "neighbors") -> np.ndarray:
@@ -64,20 +66,25 @@ def importance_weights(levels_idx, neighbors: int = 5, mode: str = "neighbors") 
     return np.exp(z) / np.exp(z).sum()
 
 
-def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: MultimodalProxy):
-    b = mm.batch(config, proj)
+def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: list[MultimodalProxy]):
+    """sum_m c_m L_m, L_m the candidate's mean loss over every bucket's scored positions."""
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
-    losses = _population_losses_jit(
-        config,
-        params,
-        stacks,
-        lv_layers,
-        b.inputs_embeds.astype(dtype),
-        b.attention_mask,
-        b.labels,
-        b.label_mask,
-        mm.dense_logp,
-    )
+    sums, count = 0.0, 0.0
+    for bucket in mm:
+        b = bucket.batch(config, proj)
+        sums = sums + _population_sums_jit(
+            config,
+            params,
+            stacks,
+            lv_layers,
+            b.inputs_embeds.astype(dtype),
+            b.attention_mask,
+            b.labels,
+            b.label_mask,
+            b.dense_logp,
+        )
+        count = count + jnp.sum(b.label_mask)
+    losses = sums / jnp.maximum(count, 1.0)
     return jnp.sum(weights * losses), losses
 
 
@@ -125,7 +132,7 @@ def train_projector(
     space,
     top_idx,
     weights,
-    mm: MultimodalProxy,
+    mm: MultimodalProxy | list[MultimodalProxy],
     *,
     steps: int,
     lr: float,
@@ -143,6 +150,7 @@ def train_projector(
     proj = params["multi_modal_projector"]
     if steps <= 0:
         return proj, np.zeros(0)
+    mm = [mm] if isinstance(mm, MultimodalProxy) else list(mm)
     top_idx, weights = merge_duplicates(top_idx, weights)
     keep = significant(weights, mass)
     top_idx, weights = top_idx[keep], weights[keep]

@@ -31,6 +31,27 @@ class ProxyData:
         return out
 
 
+def length_buckets(lengths, max_buckets: int = 4, min_size: int = 8) -> list[np.ndarray]:
+    """Rows grouped by length so that each group pads only to its own longest row.
+
+    The rows, sorted by length, are cut into at most `max_buckets` groups of equal count (at
+    least `min_size` rows each); neighbouring groups with the same longest row are merged, so
+    rows of one length stay one group. Returns row indices per group, shortest group first.
+    The toy's 32 multimodal samples (103-178 tokens) pad to 4,520 positions in 4 groups against
+    5,696 as one batch; its 64 text segments (all 128 tokens) stay one group.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    k = int(max(1, min(max_buckets, len(order) // max(min_size, 1))))
+    groups: list[np.ndarray] = []
+    for g in np.array_split(order, k):
+        if groups and lengths[groups[-1]].max() == lengths[g].max():
+            groups[-1] = np.concatenate([groups[-1], g])
+        elif len(g):
+            groups.append(g)
+    return groups
+
+
 def random_proxy(
     config: LlavaConfig, n_text: int, seq_len: int, n_mm: int, seed: int = 0
 ) -> ProxyData:
