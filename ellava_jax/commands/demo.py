@@ -10,9 +10,6 @@ HELP = (
 )
 
 
-DEMO_ROUNDS = 4
-
-
 def _p0_list(s: str) -> list[float]:
     try:
         return [float(x) for x in s.split(",") if x.strip()]
@@ -38,9 +35,8 @@ def add_arguments(p):
     p.add_argument(
         "--rounds",
         type=int,
-        default=DEMO_ROUNDS,
-        help=f"search rounds per p0 (default {DEMO_ROUNDS}, which keeps the toy demo near 20 "
-        "minutes on 2 CPU cores; `ellava search` runs the recipes' 10)",
+        default=None,
+        help="search rounds per p0 (default: the recipe's, 10, as `ellava search` runs them)",
     )
     p.add_argument(
         "--eval-limit", type=int, default=None, help="evaluate on the first N test questions"
