@@ -292,3 +292,15 @@ def test_search_command_end_to_end_on_tiny(tmp_path, capsys):
     assert cfg == get_preset("tiny")
     restored = ckpt.load_tree(str(out / "checkpoint"), pruned)
     np.testing.assert_array_equal(restored["lm_head"]["kernel"], pruned["lm_head"]["kernel"])
+
+
+def test_right_padded_proxy_is_refused(tiny_search):
+    from ellava_jax.search.proxy_sources import ProxyData
+
+    config, params, settings, *_ = tiny_search
+    proxy = random_proxy(config, 4, 16, 2)
+    text_mask = proxy.text_mask.copy()
+    text_mask[0, -3:] = 0  # real tokens first, padding last
+    bad = ProxyData(proxy.text_ids, text_mask, proxy.mm_ids, proxy.mm_mask, proxy.mm_pixels)
+    with pytest.raises(ValueError, match="left-padded"):
+        FitnessBatches(config, params, bad, settings)

@@ -119,8 +119,13 @@ class FitnessBatches:
         emb = jax.jit(embed_text, static_argnums=0)
 
         def rows_of(ids, mask, rows):
-            n = int(np.asarray(mask)[rows].sum(1).max())
-            return np.asarray(ids)[rows][:, -n:], np.asarray(mask)[rows][:, -n:]
+            """The rows, trimmed to their longest: the proxy is left-padded."""
+            m = np.asarray(mask)[rows]
+            lens, t = m.sum(1), m.shape[1]
+            if ((m > 0) != (np.arange(t)[None] >= t - lens[:, None])).any():
+                raise ValueError("proxy samples must be left-padded (real tokens last)")
+            n = int(lens.max())
+            return np.asarray(ids)[rows][:, -n:], m[:, -n:]
 
         self.text: list[ProxyBatch] = []
         for rows in length_buckets(np.asarray(proxy.text_mask).sum(1), max_buckets, min_rows):
@@ -139,7 +144,12 @@ class FitnessBatches:
                 config, params, jnp.asarray(proxy.mm_pixels)
             )
             per_row = (np.asarray(proxy.mm_ids) == config.image_token_index).sum(1)
-            n_img = per_row // config.num_image_tokens  # images in each sample, in row order
+            n_img, extra = np.divmod(per_row, config.num_image_tokens)  # images per sample
+            if extra.any():
+                raise ValueError(
+                    f"multimodal proxy sample {int(np.argmax(extra > 0))} holds {per_row[extra > 0][0]}"
+                    f" image tokens, not a multiple of {config.num_image_tokens} per image"
+                )
             first = np.concatenate([[0], np.cumsum(n_img)[:-1]])
             for rows in length_buckets(np.asarray(proxy.mm_mask).sum(1), max_buckets, min_rows):
                 ids, mask = rows_of(proxy.mm_ids, proxy.mm_mask, rows)
