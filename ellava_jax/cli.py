@@ -33,8 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_compilation_cache() -> str | None:
+    """Keeps compiled XLA programs between runs, in ~/.cache/ellava-jax/xla.
+
+    A second `ellava search` on the toy skips most of its compilation (2 rounds, 2 CPU cores:
+    67 s against 91 s). JAX_COMPILATION_CACHE_DIR, when set, wins (empty: no cache); a
+    directory that cannot be made leaves the cache off. Returns the directory in use or None.
+    """
+    import os
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+    path = os.path.join(os.path.expanduser("~"), ".cache", "ellava-jax", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_compilation_cache()
     try:
         return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+
+# Tests compile in their own process and leave no cache behind (the CLI would keep one).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import numpy as np
 import pytest

@@ -74,3 +74,17 @@ def test_export_and_bench_cpu_on_tiny(tmp_path, capsys):
     assert res["engine"] == "deepsparse" and res["outputs_match"] is True
     assert set(res["speedup"]) == {"0:tiny", "1:p"}
     assert res["graphs"]["decode"]["1:p"]["sparsity"] > 0.45
+
+
+def test_compilation_cache_follows_the_environment(monkeypatch, tmp_path):
+    from ellava_jax.cli import use_compilation_cache
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    assert use_compilation_cache() is None  # set but empty: no cache
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compilation_cache() == str(tmp_path / "mine")  # the user's directory wins
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the home directory should be")
+    monkeypatch.setenv("HOME", str(blocker))
+    assert use_compilation_cache() is None  # cannot make ~/.cache: the cache stays off
