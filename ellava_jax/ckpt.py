@@ -6,6 +6,7 @@ replaces a good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,9 +70,32 @@ class RoundCheckpoints:
             rows = json.load(f)
         return [cls(**r) for r in rows] if cls is not None else rows
 
-    def restore(self, round_index: int, like):
+    def restore(self, round_index: int, like=None):
+        """A round's arrays: as saved (numpy), or shaped and typed like `like`."""
+        if like is None:
+            return self._mgr.restore(round_index, args=ocp.args.StandardRestore())
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         return self._mgr.restore(round_index, args=ocp.args.StandardRestore(abstract))
+
+    def latest_intact(self, say=print) -> tuple[int, dict, list] | None:
+        """(round, arrays as saved, logs) of the newest round that reads back whole, or None.
+
+        A round whose arrays or logs do not read back (a truncated file, a killed write) is
+        deleted, saying so, and the round before it is tried: the search redoes that round.
+        """
+        for r in sorted(self._mgr.all_steps(), reverse=True):
+            try:
+                return r, self.restore(r), self.read_logs(r)
+            except Exception as e:  # orbax / tensorstore / json raise assorted errors
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                say(
+                    f"{self.directory}/{r}: round {r + 1}'s checkpoint is unreadable ({reason}); "
+                    "it is removed and the round before it is used"
+                )
+                self._mgr.delete(r)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, f"logs-{r}.json"))
+        return None
 
     def close(self) -> None:
         self._mgr.close()

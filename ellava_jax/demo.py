@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from ellava_jax.errors import MissingInput, UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 STEP_FORMAT = "ellava-jax/demo-step/1"
@@ -155,10 +157,10 @@ class Demo:
         self.model = model
         self.p0s = tuple(float(p) for p in p0s)
         if not self.p0s:
-            raise ValueError("--p0: give at least one target sparsity")
+            raise UserError("--p0: give at least one target sparsity")
         for p in self.p0s:
             if not 0.0 < p < 1.0:
-                raise ValueError(f"--p0 {p}: a target sparsity must lie in (0, 1)")
+                raise UserError(f"--p0 {p}: a target sparsity must lie in (0, 1)")
         self.skip_cpu_bench = skip_cpu_bench
         self.overrides = dict(overrides or {})
         self.bench_seq_len = bench_seq_len
@@ -302,7 +304,7 @@ class Demo:
         try:
             model_fp = model_fingerprint(self.model)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{e} (`--model tiny` runs the demo's whole path on the random tiny preset, "
                 "without accuracy)"
             ) from None

@@ -220,7 +220,18 @@ def _evolve(tiny_search, ckdir, stop=None):
 
     cps = ckpt.RoundCheckpoints(ckdir)
     try:
-        return evolve(settings, config, params, db, space, score, train, cps, stop_after_round=stop)
+        return evolve(
+            settings,
+            config,
+            params,
+            db,
+            space,
+            score,
+            train,
+            cps,
+            resume=cps.latest_intact(),
+            stop_after_round=stop,
+        )
     finally:
         cps.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "convert"
 HELP = "Check and re-write an HF LLaVA directory through the Flax params (optionally as bfloat16 / sharded)."
 
@@ -9,6 +11,7 @@ HELP = "Check and re-write an HF LLaVA directory through the Flax params (option
 def add_arguments(p):
     p.add_argument("--model", required=True, help="toy | tiny | path to an HF LLaVA directory")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    add_overwrite_flag(p)
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     p.add_argument("--max-shard-gb", type=float, default=None, help="shard the safetensors")
 
@@ -18,11 +21,21 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from convert.hf import save_hf_llava
-    from ellava_jax.models import load_model
+    from ellava_jax.models import load_model, resolve_model_dir
+    from ellava_jax.outputs import claim_output, weight_bytes
 
+    model_dir = resolve_model_dir(args.model)
+    grow = 2 if args.dtype == "float32" else 1  # a bfloat16 model written as float32
+    out = claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        models=[model_dir],
+        need_bytes=grow * weight_bytes(model_dir),
+    )
     config, params, path = load_model(args.model, dtype=args.dtype and jnp.dtype(args.dtype))
     shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
-    save_hf_llava(args.out, config, params, copy_from=path, max_shard_bytes=shard)
+    save_hf_llava(out, config, params, copy_from=path, max_shard_bytes=shard, command=NAME)
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.out}: {n:,} parameters, {config.text.num_hidden_layers} decoder layers")
     return 0

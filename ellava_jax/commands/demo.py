@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ellava_jax.errors import UserError
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "demo"
 HELP = (
     "Dense evaluation; uniform SparseGPT and the EfficientLLaVA search per p0; export and "
@@ -12,16 +15,19 @@ HELP = (
 
 def _p0_list(s: str) -> list[float]:
     try:
-        return [float(x) for x in s.split(",") if x.strip()]
+        p0s = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(
-            f"--p0 {s!r}: expected comma-separated numbers, e.g. 0.3,0.4,0.5"
-        ) from None
+        raise UserError(f"--p0 {s!r}: expected comma-separated numbers, e.g. 0.3,0.4,0.5") from None
+    bad = [p for p in p0s if not 0.0 < p < 1.0]
+    if not p0s or bad:
+        raise UserError(f"--p0 {s!r}: give target sparsities in (0, 1), e.g. 0.3,0.4,0.5")
+    return p0s
 
 
 def add_arguments(p):
     p.add_argument("--model", default="toy", help="toy (default) | tiny | HF LLaVA directory")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    add_overwrite_flag(p)
     p.add_argument("--p0", default="0.3,0.4,0.5", help="target sparsities (default 0.3,0.4,0.5)")
     p.add_argument(
         "--skip-cpu-bench",
@@ -45,6 +51,20 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ellava_jax.demo import run_demo
+    from ellava_jax.models import resolve_model_dir
+    from ellava_jax.outputs import claim_output, prepare_in_place, weight_bytes
+
+    p0s = _p0_list(args.p0)
+    model_dir = resolve_model_dir(args.model)
+    out = claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        models=[model_dir],
+        need_bytes=3 * len(p0s) * weight_bytes(model_dir),  # per p0: the search's outputs
+        in_place=True,
+    )
+    prepare_in_place(out, NAME, overwrite=args.overwrite)
 
     overrides = {}
     if args.population is not None:
@@ -53,9 +73,9 @@ def run(args) -> int:
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
     return run_demo(
-        args.out,
+        out,
         args.model,
-        _p0_list(args.p0),
+        p0s,
         skip_cpu_bench=args.skip_cpu_bench,
         overrides=overrides,
         bench_seq_len=args.bench_seq_len,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "export"
+# The three graphs hold float32 weights: the toy (float32, 3.9 MB of safetensors) exports 10.1 MB,
+# so a bfloat16 model needs about 5.2x its weight files; 6 leaves a margin.
+EXPORT_BYTES_PER_WEIGHT_BYTE = 6
 HELP = "Export the decoder prefill, the one-token decode step (KV cache in/out) and the full LLaVA prefill to ONNX."
 
 
@@ -13,6 +18,7 @@ def add_arguments(p):
         help="toy | tiny | path to an HF LLaVA directory (e.g. a pruned one)",
     )
     p.add_argument("--out", required=True, help="output directory for the .onnx files")
+    add_overwrite_flag(p)
     p.add_argument(
         "--no-head", action="store_true", help="output the final hidden state instead of logits"
     )
@@ -22,10 +28,18 @@ def run(args) -> int:
     import os
 
     from convert.onnx import export_model
-    from ellava_jax.atomic import atomic_directory
+    from ellava_jax.models import resolve_model_dir
+    from ellava_jax.outputs import atomic_directory, claim_output, weight_bytes
 
-    out = os.path.abspath(args.out)
-    with atomic_directory(out) as tmp:
+    model_dir = resolve_model_dir(args.model)
+    out = claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        models=[model_dir],
+        need_bytes=EXPORT_BYTES_PER_WEIGHT_BYTE * weight_bytes(model_dir),
+    )
+    with atomic_directory(out, NAME) as tmp:
         paths = export_model(args.model, tmp, head=not args.no_head)
     for name, path in paths.items():
         print(f"{name}: {os.path.join(out, os.path.basename(path))}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+from ellava_jax.errors import UserError
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "prune"
 HELP = "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA directory."
 
@@ -33,6 +36,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="samples per calibration chunk")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    add_overwrite_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
@@ -44,7 +48,7 @@ def calibration_batches(args, config, model_dir):
         from transformers import AutoTokenizer
 
         if model_dir is None:
-            raise ValueError("--proxy needs a model directory with a tokenizer")
+            raise UserError("--proxy needs a model directory with a tokenizer")
         tok = AutoTokenizer.from_pretrained(model_dir)
         ids, mask = proxy_segments(args.proxy, tok, args.nsamples, args.seqlen, args.seed)
         return [(ids, mask, None)]
@@ -54,7 +58,7 @@ def calibration_batches(args, config, model_dir):
     from ellava_jax.models import toy_dir
 
     if os.path.realpath(model_dir) != os.path.realpath(toy_dir()):
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: pass --proxy FILE (local proxy text, e.g. PTB) to calibrate this model"
         )
     from ellava_jax.data import toy_proxy  # the shipped toy's own proxy data
@@ -64,8 +68,8 @@ def calibration_batches(args, config, model_dir):
 
 def run(args) -> int:
     from convert.hf import write_hf_llava
-    from ellava_jax.atomic import atomic_directory
-    from ellava_jax.models import load_model
+    from ellava_jax.models import load_model, resolve_model_dir
+    from ellava_jax.outputs import atomic_directory, claim_output, weight_bytes
     from ellava_jax.prune.hessian import build_calibration_set
     from ellava_jax.prune.masks import (
         format_summary,
@@ -79,8 +83,17 @@ def run(args) -> int:
     from ellava_jax.prune.pipeline import parse_nm, prune_model
 
     nm = parse_nm(args.nm)
-    config, params, model_dir = load_model(args.model)
     policy = load_policy(args.policy) if args.policy else args.sparsity
+    model_dir = resolve_model_dir(args.model)
+    out = claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        inputs=[args.policy, args.proxy],
+        models=[model_dir],
+        need_bytes=weight_bytes(model_dir),
+    )
+    config, params, model_dir = load_model(args.model)
     sparsities = policy_to_sparsities(config, policy)
     calib = None
     if args.method != "magnitude":
@@ -92,8 +105,7 @@ def run(args) -> int:
     )
     summary = sparsity_summary(config, pruned)
 
-    out = os.path.abspath(args.out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, NAME) as tmp:
         write_hf_llava(tmp, config, pruned, copy_from=model_dir)
         save_masks(os.path.join(tmp, "masks.npz"), masks_from_params(config, pruned))
         report = {

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "search"
 HELP = "EfficientLLaVA: search a per-layer pruning policy with search-space evolution, prune, evaluate."
 
 
 def add_arguments(p):
     p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--out", required=True, help="run directory (resumes if it holds checkpoints)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory; a rerun with the same settings resumes (or returns the finished "
+        "result), other settings are refused",
+    )
+    add_overwrite_flag(p)
     p.add_argument(
         "--ablation",
         default="full",
@@ -28,6 +36,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ellava_jax.models import resolve_model_dir
+    from ellava_jax.outputs import claim_output, weight_bytes
     from ellava_jax.search.run import run_search
     from ellava_jax.search.settings import ABLATIONS, load_settings
 
@@ -43,12 +53,23 @@ def run(args) -> int:
     }
     settings = load_settings(args.config, **overrides)
     settings = settings.replace(**ABLATIONS[args.ablation])
+    model_dir = resolve_model_dir(settings.model)
+    claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        inputs=[settings.proxy_text, settings.proxy_multimodal, settings.eval_data],
+        models=[model_dir],
+        # model/, uniform/ (HF) and checkpoint/ (orbax): three copies of the weights
+        need_bytes=3 * weight_bytes(model_dir),
+        in_place=True,
+    )
     evaluate = None
     if not args.no_eval:
         from ellava_jax.eval.harness import default_evaluator
 
         evaluate = default_evaluator(settings)
-    result = run_search(settings, args.out, evaluate=evaluate)
+    result = run_search(settings, args.out, evaluate=evaluate, fresh=args.overwrite)
     acc = result["accuracy"]
     print(f"policy: {result['policy']}")
     print(

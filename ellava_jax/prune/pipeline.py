@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import (
     decoder_linears,
@@ -41,9 +42,9 @@ def parse_nm(spec: str | None) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise ValueError(f"--nm {spec!r}: expected N:M, e.g. 2:4") from None
+        raise UserError(f"--nm {spec!r}: expected N:M, e.g. 2:4") from None
     if not 0 < n < m:
-        raise ValueError(f"--nm {spec!r}: need 0 < N < M")
+        raise UserError(f"--nm {spec!r}: need 0 < N < M")
     return n, m
 
 
@@ -60,7 +61,7 @@ def _prune_matrix(method: str, kernel, hessian, sparsity: float, nm: tuple[int, 
         return baselines.wanda_prune(kernel, norms, sparsity, prune_n=n, prune_m=m)
     if method == "magnitude":
         return baselines.magnitude_prune(kernel, sparsity, prune_n=n, prune_m=m)
-    raise ValueError(f"pruning method {method!r}: choose one of {METHODS}")
+    raise UserError(f"pruning method {method!r}: choose one of {METHODS}")
 
 
 def prune_layer(
@@ -112,7 +113,7 @@ def prune_model(
       (pruned params, stats).
     """
     if method not in METHODS:
-        raise ValueError(f"pruning method {method!r}: choose one of {METHODS}")
+        raise UserError(f"pruning method {method!r}: choose one of {METHODS}")
     stats = PruneStats(method)
     t0 = time.perf_counter()
     if method == "magnitude":
@@ -124,7 +125,7 @@ def prune_model(
         params = dict(params, language_model=dict(params["language_model"], layers=layers))
     else:
         if calib is None:
-            raise ValueError(f"method {method!r} needs calibration data (proxy samples)")
+            raise UserError(f"method {method!r} needs calibration data (proxy samples)")
 
         def on_layer(i, lp, hess):
             return prune_layer(method, i, lp, hess, sparsities, nm, stats)

@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ellava_jax.errors import MissingInput
 from ellava_jax.report import plots  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,7 +62,7 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     """
     d = Path(run_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: no such run directory")
+        raise MissingInput(f"{d}: no such run directory")
     manifest = _load_json(d / "demo.json") or {}
     steps = manifest.get("steps") or {}
 
@@ -92,7 +93,7 @@ def read_run(run_dir: str | os.PathLike) -> dict:
         p0 = float(single["settings"]["p0"])
         searches[p0] = {"dir": d, "result": single, "rounds": _load_jsonl(d / "rounds.jsonl")}
     if not searches:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{d}: no search results (search-p*/result.json or result.json); run `ellava demo` "
             "or `ellava search` into it first"
         )

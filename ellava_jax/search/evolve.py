@@ -124,6 +124,7 @@ def evolve(
     train,
     checkpoints=None,
     *,
+    resume: tuple[int, dict, list] | None = None,
     stop_after_round: int | None = None,
     on_round=None,
 ) -> EvolutionResult:
@@ -132,7 +133,9 @@ def evolve(
     Args:
       score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness).
       train: `train(projector, top_idx, c) -> (projector, losses)` (search-space evolution).
-      checkpoints: a `ckpt.RoundCheckpoints`; the search resumes from its latest round.
+      checkpoints: a `ckpt.RoundCheckpoints` each round is saved to.
+      resume: `(round, arrays, logs)` of the round to continue after
+        (`RoundCheckpoints.latest_intact`); the archive grows when `settings.rounds` was raised.
       stop_after_round: raise `SearchInterrupted` after checkpointing this round.
       on_round: called with each `RoundLog` (progress display).
     """
@@ -151,19 +154,20 @@ def evolve(
     logs: list[RoundLog] = []
     state = None
     start = 0
-    if checkpoints is not None and checkpoints.latest() is not None:
-        last = checkpoints.latest()
-        like = {
-            "strategy": state_to_tree(strat.template(jax.random.key(0))),
-            "projector": projector,
-            "archive_idx": arch_idx,
-            "archive_fitness": arch_fit,
-        }
-        saved = checkpoints.restore(last, like)
+    if resume is not None:
+        last, saved, rows = resume
+        saved = jax.tree_util.tree_map(jnp.asarray, saved)
+        if saved["archive_idx"].shape[1:] != (k, e) or last >= settings.rounds:
+            raise ValueError(
+                f"checkpoint of round {last + 1} holds an archive of shape "
+                f"{saved['archive_idx'].shape}, not (rounds, {k}, {e}) for {settings.rounds} rounds"
+            )
         state = tree_to_state(strat.template(jax.random.key(0)), saved["strategy"])
         projector = saved["projector"]
-        arch_idx, arch_fit = np.asarray(saved["archive_idx"]), np.asarray(saved["archive_fitness"])
-        logs = checkpoints.read_logs(last, RoundLog)
+        n = min(saved["archive_idx"].shape[0], settings.rounds)
+        arch_idx[:n] = np.asarray(saved["archive_idx"])[:n]
+        arch_fit[:n] = np.asarray(saved["archive_fitness"])[:n]
+        logs = [RoundLog(**row) for row in rows]
         start = last + 1
     for r in range(start, settings.rounds):
         t0 = time.perf_counter()

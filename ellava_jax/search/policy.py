@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
 from ellava_jax.prune.masks import MATRICES, decoder_linears, matrix_size
 
 
@@ -30,14 +31,14 @@ class PolicySpace:
 
     def __post_init__(self):
         if self.granularity not in ("layer", "matrix"):
-            raise ValueError(
+            raise UserError(
                 f"policy granularity {self.granularity!r}: expected 'layer' or 'matrix'"
             )
         if not 0.0 < self.p0 < 1.0:
-            raise ValueError(f"target sparsity p0={self.p0} must be in (0, 1)")
+            raise UserError(f"target sparsity p0={self.p0} must be in (0, 1)")
         lv = self.levels
         if lv[0] < 0 or lv[-1] >= 1:
-            raise ValueError(
+            raise UserError(
                 f"grid {lv.round(3).tolist()} leaves [0, 1): choose another p0 or width"
             )
 

@@ -28,10 +28,12 @@ import numpy as np
 
 from ellava_jax import ckpt
 from ellava_jax.model.llava import embed_text, vision_features
+from ellava_jax.outputs import atomic_file, read_marker, write_marker
 from ellava_jax.prune.database import build_database
 from ellava_jax.prune.hessian import build_calibration_set
 from ellava_jax.prune.masks import masks_from_params, save_masks, sparsity_summary
 from ellava_jax.prune.pipeline import prune_model
+from ellava_jax.search import resume
 from ellava_jax.search.evolve import evolve
 from ellava_jax.search.fitness import (
     ProxyBatch,
@@ -188,23 +190,51 @@ class FitnessBatches:
 
 
 def run_search(
-    settings, out_dir: str, *, evaluate=None, stop_after_round=None, progress=True, say=print
+    settings,
+    out_dir: str,
+    *,
+    evaluate=None,
+    stop_after_round=None,
+    progress=True,
+    say=print,
+    fresh: bool = False,
 ) -> dict:
-    """Runs the search described by `settings` into `out_dir` (resuming if it holds checkpoints).
+    """Runs the search described by `settings` into `out_dir`, resuming a run of the same
+    settings (see `search/resume.py`); a finished one returns its result unchanged.
 
     Args:
       evaluate: `evaluate(config, params) -> {"accuracy": ..., ...}` or None (no accuracy).
       stop_after_round: simulate a kill after this round (tests).
+      fresh: start afresh, removing what `out_dir` holds (`--overwrite`).
     """
+    if fresh and os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        os.remove(out_dir)  # --overwrite of a file
+    os.makedirs(out_dir, exist_ok=True)
+    with resume.RunLock(out_dir):
+        if fresh:
+            resume.clear(out_dir)
+        if read_marker(out_dir) is None:
+            write_marker(out_dir, "search")
+        finished = resume.open_run(out_dir, settings, say)
+        if finished is not None:
+            return finished
+        return _run_search(settings, out_dir, evaluate, stop_after_round, progress, say)
+
+
+def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) -> dict:
     from convert.hf import save_hf_llava
     from ellava_jax.models import load_model
 
-    os.makedirs(out_dir, exist_ok=True)
     t_all = time.perf_counter()
     config, params, model_dir = load_model(settings.model)
     space = PolicySpace(
         config, settings.p0, settings.granularity, settings.step, settings.width, settings.tol
     )
+    searched = settings.rounds > 0
+    resume_point = checkpoints = None
+    if searched:  # read before the expensive work: a corrupt round falls back to the one before
+        checkpoints = ckpt.RoundCheckpoints(os.path.join(out_dir, resume.CHECKPOINTS))
+        resume_point = checkpoints.latest_intact(say)
     proxy = load_proxy(settings, config, model_dir)
     calib = build_calibration_set(
         config, params, proxy.calibration_batches(), settings.calib_batch_size
@@ -215,7 +245,6 @@ def run_search(
     )
 
     clock = PhaseClock()
-    searched = settings.rounds > 0
     db_calls = final_calls = 0
     if searched:
         with clock("database"):
@@ -274,7 +303,6 @@ def run_search(
                     f"{r.seconds:.1f} s"
                 )
 
-            checkpoints = ckpt.RoundCheckpoints(os.path.join(out_dir, "checkpoints"))
             try:
                 res = evolve(
                     settings,
@@ -285,13 +313,14 @@ def run_search(
                     score,
                     train,
                     checkpoints,
+                    resume=resume_point,
                     stop_after_round=stop_after_round,
                     on_round=show,
                 )
             finally:
                 checkpoints.close()
         best_idx, projector = res.best_idx, res.projector
-        with open(os.path.join(out_dir, "rounds.jsonl"), "w") as f:
+        with atomic_file(os.path.join(out_dir, "rounds.jsonl")) as f:
             for r in res.rounds:
                 f.write(json.dumps(dataclasses.asdict(r)) + "\n")
         del db
@@ -369,7 +398,7 @@ def run_search(
         "settings": dataclasses.asdict(settings),
         "model": model_dir or settings.model,
     }
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
+    with atomic_file(os.path.join(out_dir, resume.RESULT_FILE)) as f:
         json.dump(result, f, indent=1)
     _plots(out_dir, result, res, settings)
     return result

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
 from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     LlamaMLP,
@@ -49,11 +50,11 @@ def _keep_tuple(config: LlavaConfig, recipe) -> tuple[int, ...]:
         keep = tuple(int(k) for k in recipe)
     n, n_layers = config.num_image_tokens, config.text.num_hidden_layers
     if len(keep) != n_layers:
-        raise ValueError(f"recipe has {len(keep)} layers, the model {n_layers}")
+        raise UserError(f"recipe has {len(keep)} layers, the model {n_layers}")
     prev = n
     for i, k in enumerate(keep):
         if not 1 <= k <= prev:
-            raise ValueError(
+            raise UserError(
                 f"recipe keeps {k} visual tokens at layer {i}: must be within [1, {prev}] "
                 f"(non-increasing, at most num_image_tokens={n})"
             )
@@ -65,7 +66,7 @@ def _score_kind(recipe, score: str | None) -> str:
     if score is None:
         score = getattr(recipe, "score", "text")
     if score not in SCORES:
-        raise ValueError(f"unknown token score {score!r}; choose one of {SCORES}")
+        raise UserError(f"unknown token score {score!r}; choose one of {SCORES}")
     return score
 
 
@@ -77,7 +78,7 @@ def image_layout(config: LlavaConfig, input_ids, attention_mask) -> tuple[np.nda
     n_img_tok = is_img.sum(axis=1)
     n = config.num_image_tokens
     if np.any(n_img_tok % n):
-        raise ValueError(
+        raise UserError(
             f"rows hold {n_img_tok.tolist()} image placeholder tokens: each row must hold whole "
             f"images of num_image_tokens={n}"
         )
@@ -108,7 +109,7 @@ def _check_last_token(config: LlavaConfig, input_ids, keep) -> None:
     if min(keep, default=config.num_image_tokens) < config.num_image_tokens:
         last = np.asarray(input_ids)[:, -1]
         if np.any(last == config.image_token_index):
-            raise ValueError(
+            raise UserError(
                 "a prompt ends with an image token: FitPrune may drop it, so the prompt must end "
                 "with text (as LLaVA prompts do, e.g. 'ASSISTANT:')"
             )
