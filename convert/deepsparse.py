@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ellava_jax.errors import EnvironmentFailure
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
@@ -44,8 +47,40 @@ class OutputMismatchError(RuntimeError):
     """DeepSparse's outputs differ from onnxruntime's: timings are not reported."""
 
 
-class DeepSparseUnavailable(RuntimeError):
+class DeepSparseUnavailable(EnvironmentFailure):
     """``.venv-deepsparse`` is missing: run scripts/setup_deepsparse.sh."""
+
+
+DEFAULT_SEQ_LEN = 256
+
+
+def default_seq_len(configs: Sequence[Any]) -> int:
+    """The default benchmark length: ``DEFAULT_SEQ_LEN`` (256), or half the shortest context
+    when that is shorter: min(256, max_position_embeddings // 2), which leaves the decode step
+    its extra position. Not the context less one: on the toy (context 256) DeepSparse 1.8's
+    prefill disagrees with onnxruntime on the KV cache at 241-255 tokens (measured), and the
+    check refuses to report."""
+    return min(DEFAULT_SEQ_LEN, *(int(_text(c).max_position_embeddings) // 2 for c in configs))
+
+
+def check_seq_len(configs: Sequence[Any], seq_len: int, graphs: Sequence[str], names=None) -> None:
+    """Refuses a ``seq_len`` below 1, or one a model's context cannot hold: the prefill reads
+    positions 0..seq_len-1, the decode step position seq_len (so it needs seq_len + 1)."""
+    from ellava_jax.errors import UserError
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise UserError(f"--seq-len={seq_len!r}: must be a whole number >= 1")
+    need = seq_len + 1 if "decode" in graphs else seq_len
+    for i, c in enumerate(configs):
+        ctx = int(_text(c).max_position_embeddings)
+        if need > ctx:
+            name = names[i] if names else f"model {i}"
+            step = " and one decode step" if "decode" in graphs else ""
+            raise UserError(
+                f"--seq-len={seq_len}: {name} has a context of {ctx} positions, fewer than "
+                f"{need} ({seq_len} tokens{step}); use --seq-len {ctx - 1 if step else ctx} or "
+                "less"
+            )
 
 
 def deepsparse_python() -> Path:
@@ -223,7 +258,7 @@ def decoder_sparsity(params: Mapping) -> float:
 def bench_cpu(
     models: Sequence[str],
     *,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     graphs: Sequence[str] = ("prefill", "decode"),
     num_cores: int | None = None,
     rounds: int = 5,
@@ -235,17 +270,44 @@ def bench_cpu(
 
     Each model's decoder is exported (prefill over ``seq_len`` tokens; one decode step at a
     ``seq_len`` context), checked against onnxruntime, then timed in interleaved rounds.
+    ``seq_len`` None: ``default_seq_len`` (256, or less for a model whose context is shorter);
+    one that a model's context cannot hold is a UserError, raised before any export.
+    Without ``workdir`` the exports live in a temporary directory that is removed at the end,
+    on an error and on Ctrl-C.
     Returns ``{"engine": "deepsparse", "outputs_match": bool, "graphs": {graph: {model:
     {"sparsity", "median_ms", "tokens_per_s", "speedup", "speedup_paired", "limit",
     "onnxruntime_median_ms" (first model)}}}}``; speedups are over the first model in
     DeepSparse, same run. Raises :class:`OutputMismatchError` on a mismatch.
     """
+    from ellava_jax.errors import UserError
+    from ellava_jax.models import load_config
+
+    graphs = tuple(graphs)
+    unknown = [g for g in graphs if g not in ("prefill", "decode")]
+    if unknown or not graphs:
+        raise UserError(f"--graphs={','.join(graphs)}: expected prefill, decode or both")
+    configs = [load_config(m) for m in models]  # every model checked before any export
+    if seq_len is None:
+        seq_len = default_seq_len(configs)
+    check_seq_len(configs, seq_len, graphs, names=list(models))
+    py = deepsparse_python()
+    if not py.exists():
+        raise DeepSparseUnavailable(f"{py} not found: run scripts/setup_deepsparse.sh")
+    if workdir is not None:
+        return _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, Path(workdir))
+    wd = Path(tempfile.mkdtemp(prefix="ellava-bench-cpu-"))
+    try:
+        return _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, wd)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, wd: Path) -> dict:
     import jax
 
     from convert import onnx as conv
     from ellava_jax.models import load_model
 
-    wd = Path(workdir or tempfile.mkdtemp(prefix="ellava-bench-cpu-"))
     paths: dict[str, dict[str, str]] = {g: {} for g in graphs}
     sparsity, labels, cfg = {}, [], None
     for i, spec in enumerate(models):

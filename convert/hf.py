@@ -23,9 +23,11 @@ import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from ellava_jax.atomic import atomic_directory
 from ellava_jax.config import ConfigError, LlavaConfig
+from ellava_jax.errors import MissingInput, UserError
+from ellava_jax.inputs import check_dir, check_file
 from ellava_jax.model.llava import param_shapes
+from ellava_jax.outputs import atomic_directory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,7 +50,7 @@ _SIDE_FILES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not match its config: names the file and the key."""
 
 
@@ -121,20 +123,37 @@ def key_map(config: LlavaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, 
 
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
+    if os.path.lexists(index):
+        check_file(index, "safetensors index")
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         for f in files:
-            if not os.path.exists(os.path.join(path, f)):
+            if not isinstance(f, str) or not os.path.exists(os.path.join(path, f)):
                 raise CheckpointError(f"{index}: lists shard {f!r}, which does not exist in {path}")
+            check_file(os.path.join(path, f), "safetensors shard")
         return files
-    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.lexists(single):
+        check_file(single, "safetensors file")
         return [SINGLE_FILE]
-    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    raise MissingInput(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+def _check_values(fpath: str, key: str, x) -> None:
+    """A weight must be floating-point and finite: an integer tensor would be used as its raw
+    integers (quantized weights need their scales), NaN or inf poisons every output."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise CheckpointError(
+            f"{fpath}: tensor {key!r} has dtype {x.dtype}, expected floating-point weights "
+            "(quantized checkpoints are not supported)"
+        )
+    bad = int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
+    if bad:
+        raise CheckpointError(f"{fpath}: tensor {key!r} holds {bad} NaN or inf value(s)")
 
 
 def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dict]:
@@ -148,11 +167,10 @@ def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dic
       (config, params) with params in the tree of docs/architecture.md.
 
     Raises:
-      FileNotFoundError, ConfigError or CheckpointError naming the file and the key.
+      MissingInput, ConfigError or CheckpointError naming the file and the key (all
+      UserErrors): also a tensor that is not floating-point or holds NaN or inf.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory")
+    path = check_dir(os.fspath(path), "model directory", missing="not a directory")
     config = LlavaConfig.from_hf_config(path)
     expected = key_map(config)
     found: dict[str, tuple[str, str]] = {}  # canonical key -> (file, original key)
@@ -197,6 +215,7 @@ def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dic
                 raise CheckpointError(
                     f"{fpath}: tensor {k!r} has shape {tuple(x.shape)}, config.json implies {hf_shape}"
                 )
+            _check_values(fpath, k, x)
             x = _from_hf(p, x)
             _set(params, p, x if dtype is None else x.astype(dtype))
     finally:
@@ -211,6 +230,7 @@ def save_hf_llava(
     *,
     copy_from: str | os.PathLike | None = None,
     max_shard_bytes: int | None = None,
+    command: str | None = None,
 ) -> None:
     """Writes an HF LLaVA directory that `LlavaForConditionalGeneration.from_pretrained` loads.
 
@@ -223,9 +243,10 @@ def save_hf_llava(
       params: the parameter tree.
       copy_from: a directory whose tokenizer / processor files are copied along.
       max_shard_bytes: split the weights into shards of at most this size, with an index.
+      command: the command whose output this is (the directory is marked as its).
     """
     tensors = _hf_tensors(config, params)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, command) as tmp:
         _write_hf_files(tmp, config, tensors, copy_from, max_shard_bytes)
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ellava_jax.errors import UserError
+
 # Keys that describe the checkpoint or the HF runtime, never the computation.
 _METADATA_KEYS = frozenset(
     {
@@ -47,7 +49,7 @@ _METADATA_KEYS = frozenset(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An HF config attribute we do not support, or a malformed config."""
 
 
@@ -272,17 +274,20 @@ class LlavaConfig:
         """Builds a config from an HF LLaVA `config.json` (a dict, a file, or its directory)."""
         src = "config.json"
         if not isinstance(d, dict):
+            from ellava_jax.inputs import check_file
+
             path = os.fspath(d)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             src = path
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: no config.json")
+            check_file(path, "config.json", missing="no config.json")
             try:
                 with open(path) as f:
                     d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt != "llava":
             raise ConfigError(f"{src}: model_type={mt!r}, expected 'llava' (not a LLaVA config)")
@@ -321,6 +326,9 @@ class LlavaConfig:
             if src != "config.json" and not str(e).startswith(src):
                 raise ConfigError(f"{src}: {e}") from e
             raise
+        except (TypeError, ValueError, AttributeError) as e:
+            # a value of the wrong type (a string where a size goes, ...)
+            raise ConfigError(f"{src}: malformed config ({e})") from None
 
     def to_hf_config(self) -> dict:
         vfl = self.vision_feature_layer

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig, get_preset
+from ellava_jax.errors import MissingInput
+from ellava_jax.inputs import check_dir
 
 TOY_NAME = "toy"
 
@@ -23,13 +25,19 @@ def resolve_model_dir(spec: str) -> str | None:
     if spec == TOY_NAME:
         d = toy_dir()
         if not os.path.exists(os.path.join(d, "config.json")):
-            raise FileNotFoundError(f"{d}: the shipped toy model is missing from this install")
+            raise MissingInput(f"{d}: the shipped toy model is missing from this install")
         return d
     if spec == "tiny":
         return None
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"{spec}: no such model directory (or use 'toy' or 'tiny')")
-    return spec
+    return check_dir(
+        spec, "model directory", missing="no such model directory (or use 'toy' or 'tiny')"
+    )
+
+
+def load_config(spec: str) -> LlavaConfig:
+    """The config of `--model SPEC` alone (no weights read): for checks before any work."""
+    d = resolve_model_dir(spec)
+    return get_preset("tiny") if d is None else LlavaConfig.from_hf_config(d)
 
 
 def load_model(spec: str, dtype=None, seed: int = 0) -> tuple[LlavaConfig, dict, str | None]:

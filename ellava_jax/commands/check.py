@@ -29,7 +29,11 @@ def run(args) -> int:
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     v = config.vision
     rng = np.random.default_rng(0)
-    ids = np.array([[1] + [config.image_token_index] * config.num_image_tokens + [3, 4, 5]])
+    t = config.text
+    bos = t.bos_token_id if t.bos_token_id is not None else 1
+    ids = np.array(
+        [[bos] + [config.image_token_index] * config.num_image_tokens + text_ids(config, 3)]
+    )
     pix = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
     t0 = time.perf_counter()
     logits = np.asarray(forward(config, params, ids, pix))
@@ -52,3 +56,16 @@ def run(args) -> int:
         for k, val in summary.items():
             print(f"{k:>16}: {val}")
     return 0 if summary["logits_finite"] else 1
+
+
+def text_ids(config, n: int = 3) -> list[int]:
+    """n ordinary token ids for the prompt's text: the lowest from 3 up that are none of the
+    config's special ids (image token, pad, bos, eos)."""
+    t = config.text
+    special = {config.image_token_index, t.pad_token_id, t.bos_token_id, t.eos_token_id}
+    out = [i for i in range(3, t.vocab_size) if i not in special][:n]
+    if len(out) < n:
+        from ellava_jax.errors import UserError
+
+        raise UserError(f"vocab_size={t.vocab_size} leaves fewer than {n} ordinary token ids")
+    return out

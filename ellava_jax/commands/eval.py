@@ -15,6 +15,13 @@ def add_arguments(p):
         default=None,
         help="jsonl records (question, choices, answer, category, image?, context?); default: the toy's test split",
     )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="the folder the --data file's images may come from (default: the jsonl's own "
+        "folder). Image paths are relative to the jsonl's folder, or absolute, and must end "
+        "inside this folder once symbolic links are resolved",
+    )
     p.add_argument("--scoring", default="generate", choices=["generate", "likelihood"])
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--batch-size", type=int, default=32)
@@ -31,14 +38,26 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ellava_jax.data import tokenizer as T
+    from ellava_jax.errors import UserError
     from ellava_jax.eval import harness
-    from ellava_jax.models import TOY_NAME, load_model
+    from ellava_jax.inputs import check_dir, check_file
+    from ellava_jax.models import TOY_NAME, load_model, resolve_model_dir
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit={args.limit}: evaluate at least 1 record")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size}: must be at least 1")
+    if args.image_root is not None:
+        check_dir(args.image_root, "image root directory")
+    for flag, path in (("--proxy", args.proxy), ("--token-recipe", args.token_recipe)):
+        if path is not None:
+            check_file(path, f"{flag} file")
+    if resolve_model_dir(args.model) is None:
+        raise UserError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
+    # the data is checked whole (records, image paths) before the model is loaded
+    records, path = harness.load_eval_records(args.data, args.limit, args.image_root)
     config, params, model_dir = load_model(args.model)
-    if model_dir is None:
-        raise ValueError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
     tok = T.load_tokenizer(model_dir)
-    records, path = harness.load_eval_records(args.data, args.limit)
     logits_fn = None
     if args.token_recipe:
         from ellava_jax.tokens import load_recipe, recipe_last_logits
@@ -55,6 +74,7 @@ def run(args) -> int:
         scoring=args.scoring,
         batch_size=args.batch_size,
         logits_fn=logits_fn,
+        image_root=args.image_root,
     )
     res["model"] = model_dir
     res["decoder_prefill_flops"] = _prefill_flops(

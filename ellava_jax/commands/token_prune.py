@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+from ellava_jax.errors import UserError
+from ellava_jax.outputs import add_overwrite_flag
+
 NAME = "token-prune"
 HELP = (
     "Fit a FitPrune recipe (visual tokens kept per decoder layer) that cuts the decoder's "
@@ -55,23 +58,41 @@ def add_arguments(p):
         help="jsonl of image + text rows ('image': path relative to the file, 'text': the "
         "instruction) to fit on; default: random prompts for tiny, the toy's proxy samples",
     )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the --calibration file's images may come from (default: the jsonl's own "
+        "folder; paths that leave it are refused)",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
     p.add_argument("--batch-size", type=int, default=8, help="calibration rows per batch")
     p.add_argument("--out", required=True, help="where to write the recipe (JSON)")
+    add_overwrite_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
 def run(args) -> int:
     from ellava_jax.eval.flops import flops_reduction
-    from ellava_jax.models import load_model
+    from ellava_jax.models import load_model, resolve_model_dir
+    from ellava_jax.outputs import claim_output
     from ellava_jax.tokens.recipe import calibration_for, fit_recipe
 
     if args.samples < 1:
-        raise ValueError(f"--samples={args.samples} must be at least 1")
+        raise UserError(f"--samples={args.samples} must be at least 1")
+    out = claim_output(
+        args.out,
+        NAME,
+        overwrite=args.overwrite,
+        inputs=[args.calibration],
+        models=[resolve_model_dir(args.model)],
+        kind="file",
+    )
     t0 = time.perf_counter()
     config, params, path = load_model(args.model)
     t_load = time.perf_counter() - t0
-    cal = calibration_for(config, path, args.samples, args.seed, args.calibration)
+    cal = calibration_for(
+        config, path, args.samples, args.seed, args.calibration, image_root=args.image_root
+    )
     recipe = fit_recipe(
         config,
         params,
@@ -83,7 +104,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         start_layer=args.start_layer,
     )
-    recipe.save(args.out)
+    recipe.save(out)
     prompt_reduction = flops_reduction(config, recipe.text_tokens, recipe.images, recipe.keep)
     summary = {
         "model": path or args.model,

@@ -15,6 +15,8 @@ import numpy as np
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data.records import load_image
 from ellava_jax.data.scenes import CLIP_MEAN, CLIP_STD
+from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file, check_image_header, confined_image
 
 
 def preprocessor(model_dir: str | None, config: LlavaConfig) -> dict:
@@ -55,28 +57,51 @@ def to_pixel_values(image: np.ndarray, prep: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_pixels(path: str, model_dir: str | None, config: LlavaConfig) -> np.ndarray:
-    """An image file as the model's pixel values [3, S, S]."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such image")
-    return to_pixel_values(load_image(path), preprocessor(model_dir, config))
+def load_pixels(
+    path: str, model_dir: str | None, config: LlavaConfig, where: str | None = None
+) -> np.ndarray:
+    """An image file as the model's pixel values [3, S, S]; errors name `where` (a jsonl line)."""
+    return to_pixel_values(load_image(path, where), preprocessor(model_dir, config))
 
 
-def read_multimodal_jsonl(path: str) -> list[dict]:
-    """Image + text proxy records: one object per line with `image` (path) and `text`."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such multimodal proxy file")
+def read_multimodal_jsonl(
+    path: str, image_root: str | None = None, limit: int | None = None
+) -> list[dict]:
+    """Image + text records: one object per line with `image` (path) and `text`.
+
+    The first `limit` rows (all when None), each {"image": resolved path, "text", "line"}. Image
+    paths are relative to the file's directory and must stay inside it, or inside `image_root`
+    when given (`inputs.confined_image`); every image must exist and be an image file. A file
+    without rows is an error.
+    """
+    check_file(path, "multimodal jsonl file")
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
+            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for k in ("image", "text"):
                 if not isinstance(obj.get(k), str):
-                    raise ValueError(f"{path}:{n}: missing string field {k!r}")
-            rows.append(obj)
+                    raise UserError(f"{where}: missing string field {k!r}")
+            image = confined_image(obj["image"], path, where, image_root)
+            check_image_header(image, where)
+            rows.append({**obj, "image": str(image), "line": n})
+    if not rows:
+        raise UserError(f"{path}: no records (expected jsonl rows with 'image' and 'text')")
     return rows
+
+
+def rows_pixels(path: str, rows: list[dict], model_dir: str | None, config) -> np.ndarray:
+    """Pixel values [N, 3, S, S] of `read_multimodal_jsonl` rows of `path`."""
+    return np.stack(
+        [load_pixels(r["image"], model_dir, config, where=f"{path}:{r['line']}") for r in rows]
+    )

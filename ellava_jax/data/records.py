@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ellava_jax.errors import UserError
+
 MIN_CHOICES, MAX_CHOICES = 2, 5
 LETTERS = "ABCDE"
 
@@ -31,7 +33,7 @@ _REQUIRED = {"question": str, "choices": list, "answer": int, "category": str}
 _OPTIONAL = {"image": str, "context": str, "subject": str}
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A malformed record; the message names the file, the line and the key."""
 
 
@@ -51,6 +53,8 @@ class Record:
     # words that name them.
     focus: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False, compare=False)
     refs: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    # The 1-based line of the jsonl file the record was read from (`load_records`), for errors.
+    line: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def answer_letter(self) -> str:
@@ -118,18 +122,25 @@ def load_records(path: str | Path) -> list[Record]:
     Raises:
         RecordError: on the first bad line, naming the file, the line number (1-based) and key.
     """
-    path = Path(path)
+    from ellava_jax.inputs import check_file
+
+    path = Path(check_file(path, "jsonl file"))
     out = []
     with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(validate(obj, where))
+        try:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{i}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+                rec = validate(obj, where)
+                rec.line = i
+                out.append(rec)
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
     return out
 
 
@@ -141,12 +152,12 @@ def image_path(jsonl_path: str | Path, record: Record) -> Path | None:
     return p if p.is_absolute() else Path(jsonl_path).parent / p
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 [H, W, 3]."""
-    from PIL import Image
+def load_image(path: str | Path, where: str | None = None) -> np.ndarray:
+    """An image file as uint8 [H, W, 3]; a file that is not an image is a `UserError` naming
+    it (and `where`, e.g. the jsonl line that points at it)."""
+    from ellava_jax.inputs import read_image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return read_image(path, where)
 
 
 def save_image(path: str | Path, pixels: np.ndarray) -> None:

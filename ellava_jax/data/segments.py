@@ -7,31 +7,42 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file
+
 
 def read_proxy_text(path: str) -> str:
-    """The text of a proxy file (.txt or .jsonl with a `text` field per line)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such proxy file")
+    """The text of a proxy file (.txt or .jsonl with a `text` field per line); a missing file,
+    a directory or a file without text is a UserError naming it."""
+    text = _read_proxy_text(check_file(path, "proxy file"))
+    if not text.strip():
+        raise UserError(f"{path}: proxy stream has 0 tokens (an empty proxy file)")
+    return text
+
+
+def _read_proxy_text(path: str) -> str:
     if path.endswith((".jsonl", ".json")):
         parts = []
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+                    raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string 'text' field")
+                    raise UserError(f"{path}:{n}: expected an object with a string 'text' field")
                 parts.append(obj["text"])
         return "\n".join(parts)
-    with open(path) as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def segments_from_ids(ids: np.ndarray, n_segments: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -51,6 +62,11 @@ def proxy_segments(path: str, tokenizer, n_segments: int = 64, seq_len: int = 25
     """Tokenised proxy file -> (input_ids [n, seq_len], attention_mask [n, seq_len])."""
     text = read_proxy_text(path)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if ids.size <= seq_len:
+        raise UserError(
+            f"{path}: proxy stream has {ids.size} tokens; one segment of {seq_len} tokens "
+            f"needs at least {seq_len + 1}"
+        )
     seg = segments_from_ids(ids, n_segments, seq_len, seed)
     return seg, np.ones_like(seg)
 

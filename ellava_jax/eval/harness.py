@@ -11,7 +11,6 @@ Accuracy is reported overall and per category (the paper's Table 3 columns at to
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from functools import partial
 
@@ -22,7 +21,9 @@ from tqdm.auto import tqdm
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data import tokenizer as T
-from ellava_jax.data.records import LETTERS, Record, image_path, load_records
+from ellava_jax.data.records import LETTERS, Record, load_records
+from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file, check_image_header
 from ellava_jax.model.llava import decode, embed_inputs, lm_head
 
 SCORINGS = ("generate", "likelihood")
@@ -36,17 +37,56 @@ def last_logits(config: LlavaConfig, params, input_ids, pixel_values, attention_
     return lm_head(config, params, hidden[:, -1]).astype(jnp.float32)
 
 
-def _pixels(records: list[Record], jsonl_path, model_dir, config) -> np.ndarray:
+def _where(jsonl_path, record: Record, index: int) -> str:
+    """'file.jsonl:LINE' of a record read from a file, else 'record N' (1-based)."""
+    if jsonl_path is not None and record.line is not None:
+        return f"{jsonl_path}:{record.line}"
+    return f"{jsonl_path}: record {index + 1}" if jsonl_path is not None else f"record {index + 1}"
+
+
+def record_image(jsonl_path, record: Record, index: int = 0, image_root=None):
+    """The checked file of a record's image (`inputs.confined_image`): relative to the jsonl's
+    directory and inside it, or inside `image_root` when given."""
+    from ellava_jax.inputs import confined_image
+
+    if jsonl_path is None:
+        raise UserError(f"record {index + 1}: image {record.image!r} without a jsonl file")
+    return confined_image(record.image, jsonl_path, _where(jsonl_path, record, index), image_root)
+
+
+def _pixels(records: list[Record], jsonl_path, model_dir, config, image_root=None) -> np.ndarray:
     from ellava_jax.data import scenes
     from ellava_jax.data.images import load_pixels
 
     out = []
-    for r in records:
+    for i, r in enumerate(records):
         if r.pixels is not None:
             out.append(scenes.pixel_values(r.pixels)[0])
         else:
-            out.append(load_pixels(str(image_path(jsonl_path, r)), model_dir, config))
+            path = record_image(jsonl_path, r, i, image_root)
+            where = _where(jsonl_path, r, i)
+            out.append(load_pixels(str(path), model_dir, config, where=where))
     return np.stack(out)
+
+
+def check_prompt_lengths(
+    config: LlavaConfig, tok, records: list[Record], jsonl_path=None
+) -> list[list[int]]:
+    """The records' prompt ids; a prompt longer than the model's context (image tokens
+    included) is a `UserError` naming the jsonl file and line, raised before any compute."""
+    context = config.text.max_position_embeddings
+    n = config.num_image_tokens
+    rows = []
+    for i, r in enumerate(records):
+        ids = T.encode_record(tok, r, n)[0]
+        if len(ids) > context:
+            image = f" ({n} image tokens included)" if r.has_image else ""
+            raise UserError(
+                f"{_where(jsonl_path, r, i)}: the prompt has {len(ids)} tokens{image}, more "
+                f"than the model's context of {context}"
+            )
+        rows.append(ids)
+    return rows
 
 
 def _round_up(n: int, k: int = 16) -> int:
@@ -65,6 +105,7 @@ def evaluate_records(
     batch_size: int = 32,
     progress: bool = True,
     logits_fn=None,
+    image_root: str | None = None,
 ) -> dict:
     """Accuracy of a model on multiple-choice records.
 
@@ -73,12 +114,20 @@ def evaluate_records(
       records: multiple-choice records (images in memory or as paths relative to jsonl_path).
       scoring: "generate" or "likelihood" (see the module docstring).
       logits_fn: replaces `last_logits` (e.g. a FitPrune token-pruned prefill); same signature.
+      image_root: the folder image files may come from (default: the jsonl's directory).
+
+    Raises:
+      UserError: a prompt longer than the model's context (before any compute), an image path
+        outside the allowed folder, or an image file that is not an image; naming file and line.
 
     Returns:
       {"accuracy", "n", "correct", "per_category": {cat: acc}, "per_category_n", "scoring"}.
     """
     if scoring not in SCORINGS:
-        raise ValueError(f"scoring {scoring!r}: expected one of {SCORINGS}")
+        raise UserError(f"scoring {scoring!r}: expected one of {SCORINGS}")
+    if not records:
+        raise UserError(f"{jsonl_path or 'evaluation'}: no records to evaluate")
+    encoded = check_prompt_lengths(config, tok, records, jsonl_path)
     logits_fn = logits_fn or last_logits
     pad = T.token_id(tok, T.PAD) if T._backend(tok).token_to_id(T.PAD) is not None else 0
     letters = T.letter_ids(tok)
@@ -93,8 +142,9 @@ def evaluate_records(
             idx = group[s : s + batch_size]
             n = len(idx)
             chunk = [records[i] for i in idx]
-            chunk_full = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape
-            rows = [T.encode_record(tok, r, config.num_image_tokens)[0] for r in chunk_full]
+            idx_full = idx + [idx[-1]] * (batch_size - n)  # fixed batch shape
+            chunk_full = [records[i] for i in idx_full]
+            rows = [encoded[i] for i in idx_full]
             t = _round_up(max(len(r) for r in rows))
             ids = np.full((batch_size, t), pad, np.int32)
             mask = np.zeros((batch_size, t), np.int32)
@@ -102,7 +152,7 @@ def evaluate_records(
                 ids[j, t - len(r) :] = r
                 mask[j, t - len(r) :] = 1
             pix = (
-                jnp.asarray(_pixels(chunk_full, jsonl_path, model_dir, config))
+                jnp.asarray(_pixels(chunk_full, jsonl_path, model_dir, config, image_root))
                 if chunk[0].has_image
                 else None
             )
@@ -124,7 +174,7 @@ def evaluate_records(
         per_cat[r.category] += int(c)
         per_n[r.category] += 1
     return {
-        "accuracy": float(correct.mean()) if len(records) else float("nan"),
+        "accuracy": float(correct.mean()),
         "n": len(records),
         "correct": int(correct.sum()),
         "per_category": {k: per_cat[k] / per_n[k] for k in sorted(per_n)},
@@ -183,15 +233,26 @@ def toy_proxy_perplexity(config, params, tok, n: int = 32, seq_len: int = 64) ->
 
 
 def load_eval_records(
-    data: str | None, limit: int | None = None
+    data: str | None, limit: int | None = None, image_root: str | None = None
 ) -> tuple[list[Record], str | None]:
-    """(records, jsonl path): a jsonl file, or the toy's test split when data is None / 'toy'."""
+    """(records, jsonl path): a jsonl file, or the toy's test split when data is None / 'toy'.
+
+    A file is checked whole before any compute: it must hold records, and the images of the
+    first `limit` must stay inside the jsonl's directory (or `image_root`) and be image files.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit}: evaluate at least 1 record")
     if data in (None, "toy", "toy-test"):
         return toy_test_records(limit), None
-    if not os.path.exists(data):
-        raise FileNotFoundError(f"{data}: no such evaluation file")
+    check_file(data, "evaluation file")
     recs = load_records(data)
-    return (recs if limit is None else recs[:limit]), data
+    if not recs:
+        raise UserError(f"{data}: no records (an empty evaluation file)")
+    recs = recs if limit is None else recs[:limit]
+    for i, r in enumerate(recs):
+        if r.image is not None:
+            check_image_header(record_image(data, r, i, image_root), _where(data, r, i))
+    return recs, data
 
 
 def default_evaluator(settings):
@@ -205,9 +266,20 @@ def default_evaluator(settings):
     if model_dir is None or (settings.eval_data is None and settings.model != "toy"):
         return None
     tok = T.load_tokenizer(model_dir)
-    records, path = load_eval_records(settings.eval_data, settings.eval_limit)
+    image_root = getattr(settings, "image_root", None)
+    records, path = load_eval_records(settings.eval_data, settings.eval_limit, image_root)
+    # refused now, not after the search: prompts the model cannot hold
+    check_prompt_lengths(LlavaConfig.from_hf_config(model_dir), tok, records, path)
 
     def evaluate(config, params):
-        return evaluate_records(config, params, tok, records, jsonl_path=path, model_dir=model_dir)
+        return evaluate_records(
+            config,
+            params,
+            tok,
+            records,
+            jsonl_path=path,
+            model_dir=model_dir,
+            image_root=image_root,
+        )
 
     return evaluate

@@ -8,7 +8,7 @@ kernel, True where the weight is kept. Everything else in the model stays dense.
 from __future__ import annotations
 
 import json
-import os
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file
 
 # The seven linear weights of a LLaMA decoder layer, as "module.name" (HF naming).
 MATRICES = (
@@ -107,61 +109,138 @@ def masks_from_params(config: LlavaConfig, params: dict) -> dict:
 # Policies
 
 
+class _PolicyList(list):
+    """A policy read from a file: a list that remembers the file, for error messages."""
+
+    source: str | None = None
+
+
+class _PolicyDict(dict):
+    """A policy read from a file: a dict that remembers the file, for error messages."""
+
+    source: str | None = None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def _sparsity(value, where: str) -> float:
+    """A policy entry as a sparsity in [0, 1); anything else is a UserError naming `where`."""
+    if not _is_number(value):
+        raise UserError(
+            f"{where} is {json.dumps(value) if _jsonable(value) else repr(value)}; expected a "
+            "sparsity in [0, 1)"
+        )
+    s = float(value)
+    if not 0.0 <= s < 1.0:
+        raise UserError(f"{where}: sparsity {value} is outside [0, 1)")
+    return s
+
+
+def _jsonable(x) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def policy_to_sparsities(config: LlavaConfig, policy) -> dict[tuple[int, str], float]:
     """Per-matrix sparsity from a policy.
 
     Accepted forms: a float (uniform); a list of one sparsity per decoder layer (the paper's
     default, applied to all seven matrices of the layer); a list of lists, one sparsity per
     matrix in `MATRICES` order for each layer; or a dict {"<layer>.<module>.<name>": s}
-    (every matrix must be listed).
+    (every matrix must be listed). Every sparsity is a number in [0, 1); anything else (a
+    string, null, an object where a number goes) is a UserError naming the entry, and the file
+    when the policy came from `load_policy`.
     """
+    source = getattr(policy, "source", None)
+    head = f"{source}: policy" if source else "policy"
     n = config.text.num_hidden_layers
-    if isinstance(policy, int | float):
-        policy = [float(policy)] * n
+    if _is_number(policy):
+        policy = [_sparsity(policy, head)] * n
     if isinstance(policy, Mapping):
         out = {}
         for layer, m in decoder_linears(config):
             key = f"{layer}.{m}"
             if key not in policy:
-                raise ValueError(f"policy: no sparsity for matrix {key!r}")
-            out[(layer, m)] = float(policy[key])
-        extra = sorted(set(policy) - {f"{layer}.{m}" for layer, m in decoder_linears(config)})
+                raise UserError(f"{head}: no sparsity for matrix {key!r}")
+            out[(layer, m)] = _sparsity(policy[key], f"{head} entry {key!r}")
+        extra = sorted(
+            str(k) for k in set(policy) - {f"{layer}.{m}" for layer, m in decoder_linears(config)}
+        )
         if extra:
-            raise ValueError(f"policy: unknown matrices {extra[:3]}")
-    else:
+            raise UserError(f"{head}: unknown matrices {extra[:3]}")
+    elif isinstance(policy, Sequence | np.ndarray) and not isinstance(policy, str | bytes):
         policy = list(policy)
         if len(policy) != n:
-            raise ValueError(f"policy has {len(policy)} entries, the model has {n} decoder layers")
+            raise UserError(f"{head} has {len(policy)} entries, the model has {n} decoder layers")
         out = {}
         for layer, entry in enumerate(policy):
-            if isinstance(entry, Sequence):
+            where = f"{head} entry {layer}"
+            if isinstance(entry, Sequence | np.ndarray) and not isinstance(entry, str | bytes):
+                entry = list(np.asarray(entry, dtype=object).reshape(-1))
                 if len(entry) != len(MATRICES):
-                    raise ValueError(
-                        f"policy layer {layer}: {len(entry)} entries, expected {len(MATRICES)} "
+                    raise UserError(
+                        f"{head} layer {layer}: {len(entry)} entries, expected {len(MATRICES)} "
                         f"({', '.join(MATRICES)})"
                     )
-                out.update({(layer, m): float(s) for m, s in zip(MATRICES, entry)})
+                for j, (m, s) in enumerate(zip(MATRICES, entry)):
+                    out[(layer, m)] = _sparsity(s, f"{where} [{j}] ({m})")
             else:
-                out.update({(layer, m): float(entry) for m in MATRICES})
-    bad = {k: s for k, s in out.items() if not 0.0 <= s < 1.0}
-    if bad:
-        (layer, m), s = next(iter(bad.items()))
-        raise ValueError(f"policy: sparsity {s} for {layer}.{m} is outside [0, 1)")
+                s = _sparsity(entry, where)
+                out.update({(layer, m): s for m in MATRICES})
+    else:
+        raise UserError(
+            f"{head} is a {type(policy).__name__}; expected a sparsity, a list of them (one per "
+            "decoder layer, or per matrix) or an object {'<layer>.<module>.<name>': sparsity}"
+        )
     return out
 
 
-def load_policy(path: str) -> list | dict:
-    """A policy JSON: a list, a dict, or an object with a `policy` entry (a search result)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such policy file")
+def load_policy(path: str) -> list | dict | float:
+    """A policy JSON: a number, a list, a dict, or an object with a `policy` entry (a search
+    result). Each entry must be a sparsity in [0, 1), or a list of seven of them (one per
+    matrix); a dict maps "<layer>.<module>.<name>" to sparsities. Anything else (a string, null,
+    an object where a number goes) is a UserError naming the file and the entry. A list or dict comes back
+    remembering the file (`policy_to_sparsities` names it in its errors)."""
+    check_file(path, "policy file")
     with open(path) as f:
         try:
             obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
     if isinstance(obj, dict) and "policy" in obj:
         obj = obj["policy"]
-    return obj
+    head = f"{path}: policy"
+    if _is_number(obj):
+        return _sparsity(obj, head)
+    if isinstance(obj, list):
+        for i, entry in enumerate(obj):
+            if isinstance(entry, list):
+                if len(entry) != len(MATRICES):
+                    raise UserError(
+                        f"{head} entry {i}: {len(entry)} sparsities, expected one per matrix "
+                        f"({len(MATRICES)}: {', '.join(MATRICES)})"
+                    )
+                for j, s in enumerate(entry):
+                    _sparsity(s, f"{head} entry {i} [{j}] ({MATRICES[j]})")
+            else:
+                _sparsity(entry, f"{head} entry {i}")
+        out = _PolicyList(obj)
+    elif isinstance(obj, dict):
+        for k, s in obj.items():
+            _sparsity(s, f"{head} entry {k!r}")
+        out = _PolicyDict(obj)
+    else:
+        raise UserError(
+            f"{head} is {json.dumps(obj)}; expected a sparsity, a list of them (one per decoder "
+            "layer, or per matrix) or an object {'<layer>.<module>.<name>': sparsity}"
+        )
+    out.source = path
+    return out
 
 
 def mean_sparsity(config: LlavaConfig, sparsities: Mapping[tuple[int, str], float]) -> float:

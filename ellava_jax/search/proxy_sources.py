@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,15 @@ def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
     """Proxy text from `settings.proxy_text`; image + text samples from `settings.proxy_multimodal`."""
     from transformers import AutoTokenizer
 
-    from ellava_jax.data.segments import proxy_segments
+    from ellava_jax.data.segments import proxy_segments, read_proxy_text
 
     if not settings.proxy_text:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: set proxy_text (a local text file such as PTB) in the search config"
         )
+    read_proxy_text(settings.proxy_text)  # a missing or empty file, before the tokenizer loads
+    if settings.proxy_multimodal:
+        check_file(settings.proxy_multimodal, "multimodal jsonl file")
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids, mask = proxy_segments(
         settings.proxy_text, tok, settings.proxy_segments, settings.proxy_seq_len, settings.seed
@@ -99,17 +104,27 @@ def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
     )
     if not settings.proxy_multimodal:
         return empty
-    from ellava_jax.data.images import load_pixels, read_multimodal_jsonl
+    from ellava_jax.data.images import read_multimodal_jsonl, rows_pixels
 
-    rows = read_multimodal_jsonl(settings.proxy_multimodal)[: settings.proxy_multimodal_samples]
-    base = os.path.dirname(os.path.abspath(settings.proxy_multimodal))
-    pix = np.stack([load_pixels(os.path.join(base, r["image"]), model_dir, config) for r in rows])
+    rows = read_multimodal_jsonl(
+        settings.proxy_multimodal,
+        getattr(settings, "image_root", None),
+        limit=settings.proxy_multimodal_samples,
+    )
+    pix = rows_pixels(settings.proxy_multimodal, rows, model_dir, config)
     seqs = []
+    context = config.text.max_position_embeddings
     for r in rows:
         text = tok(r["text"], add_special_tokens=False)["input_ids"]
         seqs.append(
             [tok.bos_token_id or 1] + [config.image_token_index] * config.num_image_tokens + text
         )
+        if len(seqs[-1]) > context:
+            raise UserError(
+                f"{settings.proxy_multimodal}:{r['line']}: the sample has {len(seqs[-1])} tokens "
+                f"({config.num_image_tokens} image tokens included), more than the model's "
+                f"context of {context}"
+            )
     t = max(len(s) for s in seqs)
     mm = np.full((len(seqs), t), tok.pad_token_id or 0)
     mm_mask = np.zeros((len(seqs), t), np.int64)
@@ -121,7 +136,19 @@ def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
 
 def load_proxy(settings, config: LlavaConfig, model_dir: str | None) -> ProxyData:
     """The proxy samples for a search (see the module docstring)."""
+    context = config.text.max_position_embeddings
+    if settings.proxy_seq_len > context:
+        raise UserError(
+            f"proxy_seq_len={settings.proxy_seq_len}: more than the model's context of {context}"
+        )
     if model_dir is None:
+        for key in ("proxy_text", "proxy_multimodal"):
+            if getattr(settings, key, None):
+                raise UserError(
+                    f"{key}={getattr(settings, key)!r}: model 'tiny' has no tokenizer and "
+                    f"draws random proxy samples; remove {key} or search 'toy' or an HF LLaVA "
+                    "directory"
+                )
         return random_proxy(
             config,
             settings.proxy_segments,

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.errors import UserError
 from ellava_jax.eval.flops import decoder_prefill_flops, total_flops
 from ellava_jax.model.llama import (
     attention_mask_4d,
@@ -54,12 +55,13 @@ from ellava_jax.model.llama import (
     rope_cos_sin,
 )
 from ellava_jax.model.llava import check_image_tokens, embed_inputs
+from ellava_jax.outputs import atomic_file
 from ellava_jax.tokens.apply import SCORES, image_layout, rank_in_image
 
 FORMAT = "ellava-jax/fitprune-recipe/1"
 
 
-class RecipeMismatchError(ValueError):
+class RecipeMismatchError(UserError):
     """A recipe fitted for another model (different sizes) than the one it is applied to."""
 
 
@@ -99,9 +101,9 @@ class Recipe:
     def __post_init__(self):
         object.__setattr__(self, "keep", tuple(int(k) for k in self.keep))
         if self.score not in SCORES:
-            raise ValueError(f"recipe score {self.score!r} is not one of {SCORES}")
+            raise UserError(f"recipe score {self.score!r} is not one of {SCORES}")
         if any(b > a for a, b in zip(self.keep, self.keep[1:])):
-            raise ValueError(f"recipe keep counts must not grow over layers: {list(self.keep)}")
+            raise UserError(f"recipe keep counts must not grow over layers: {list(self.keep)}")
 
     def check(self, config: LlavaConfig) -> None:
         """Raises RecipeMismatchError when the recipe was fitted for a model of other sizes."""
@@ -117,34 +119,43 @@ class Recipe:
         return {"format": FORMAT, **d}
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
+        """Writes the recipe JSON atomically (a killed write leaves the old file or none)."""
+        with atomic_file(path) as f:
             json.dump(self.to_json(), f, indent=1)
             f.write("\n")
 
     @classmethod
     def from_json(cls, d: dict, where: str = "recipe") -> Recipe:
         if d.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a FitPrune recipe (format {d.get('format')!r})")
+            raise UserError(f"{where}: not a FitPrune recipe (format {d.get('format')!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields - {"format"})
         if unknown:
-            raise ValueError(f"{where}: unknown recipe field(s) {unknown}")
+            raise UserError(f"{where}: unknown recipe field(s) {unknown}")
         if "keep" not in d or "model" not in d:
-            raise ValueError(f"{where}: a recipe needs 'keep' and 'model'")
+            raise UserError(f"{where}: a recipe needs 'keep' and 'model'")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: LlavaConfig | None = None) -> Recipe:
         """Reads a recipe; with `config`, also checks that it was fitted for that model."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such recipe file")
+        from ellava_jax.inputs import check_file
+
+        check_file(path, "recipe file")
         try:
             with open(path) as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        recipe = cls.from_json(d, path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: not a FitPrune recipe (a JSON {type(d).__name__})")
+        try:
+            recipe = cls.from_json(d, path)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, UserError) and str(e).startswith(path):
+                raise
+            raise UserError(f"{path}: {e}") from None
         if config is not None:
             try:
                 recipe.check(config)
@@ -286,7 +297,7 @@ class _Simulator:
             self.parts.append((embeds, mask, ids, g, dense, has))
         self.n_images = int(sum(int(np.sum(p[5])) for p in self.parts))
         if self.n_images == 0:
-            raise ValueError("the calibration batch holds no image")
+            raise UserError("the calibration batch holds no image")
 
     def mean_drops(self, alpha: float, start: int = 0) -> np.ndarray:
         """Per-layer drop count per image, averaged over the calibration images [L]; layers
@@ -362,18 +373,18 @@ def fit_recipe(
         of them later; in LLaVA-1.5 this is FastV's "from layer 2" observation.
     """
     if not 0.0 <= flops_reduction < 1.0:
-        raise ValueError(f"flops_reduction={flops_reduction} must be within [0, 1)")
+        raise UserError(f"flops_reduction={flops_reduction} must be within [0, 1)")
     t0 = time.perf_counter()
     images, text = image_layout(config, calibration.input_ids, calibration.attention_mask)
     ref_images = max(1, int(round(float(np.mean(images)))))
     if flops_scope not in ("prompt", "visual"):
-        raise ValueError(f"flops_scope={flops_scope!r} must be 'prompt' or 'visual'")
+        raise UserError(f"flops_scope={flops_scope!r} must be 'prompt' or 'visual'")
     ref_text = int(round(float(np.mean(text)))) if text_tokens is None else int(text_tokens)
     if ref_text < 0:
-        raise ValueError(f"text_tokens={ref_text} must be >= 0")
+        raise UserError(f"text_tokens={ref_text} must be >= 0")
     n_layers = config.text.num_hidden_layers
     if start_layer is not None and not 0 <= start_layer < n_layers:
-        raise ValueError(f"start_layer={start_layer} must be within [0, {n_layers})")
+        raise UserError(f"start_layer={start_layer} must be within [0, {n_layers})")
     budget_text = ref_text if flops_scope == "prompt" else 0
     dense_flops = total_flops(decoder_prefill_flops(config, budget_text, ref_images))
     budget = dense_flops * (1.0 - flops_reduction)
@@ -424,7 +435,7 @@ def fit_recipe(
             fits[s] = search(s)
         except _OutOfReach as e:
             if not fits:
-                raise ValueError(str(e)) from None
+                raise UserError(str(e)) from None
             break  # a later start can only save less
     divergence = {}
     if len(fits) > 1:
@@ -531,54 +542,74 @@ def proxy_calibration(config: LlavaConfig, model_dir: str, n: int = 32, seed: in
     return Calibration(ids, mask, np.asarray(pix, np.float32))
 
 
-def file_calibration(config: LlavaConfig, model_dir: str, path: str, n: int = 32) -> Calibration:
+def file_calibration(
+    config: LlavaConfig, model_dir: str, path: str, n: int = 32, image_root: str | None = None
+) -> Calibration:
     """n image + text rows of a jsonl file (`image`: path relative to the file, `text`), as
-    LLaVA-1.5 prompts `USER: <image>\n{text} ASSISTANT:` in the model's own tokenizer."""
-    from ellava_jax.data import tokenizer
-    from ellava_jax.data.images import load_pixels, read_multimodal_jsonl
+    LLaVA-1.5 prompts `USER: <image>\n{text} ASSISTANT:` in the model's own tokenizer.
 
-    rows = read_multimodal_jsonl(path)[:n]
+    Images must stay inside the file's directory, or inside `image_root` when given
+    (`data.images.read_multimodal_jsonl`); a prompt longer than the model's context is refused."""
+    from ellava_jax.data import tokenizer
+    from ellava_jax.data.images import read_multimodal_jsonl, rows_pixels
+
+    rows = read_multimodal_jsonl(path, image_root, limit=n)
     if not rows:
-        raise ValueError(f"{path}: no calibration rows")
+        raise UserError(f"{path}: no calibration rows")
     tok = tokenizer.load_tokenizer(model_dir)
-    base = os.path.dirname(os.path.abspath(path))
     ids = []
-    for i, r in enumerate(rows):
+    context = config.text.max_position_embeddings
+    for r in rows:
+        where = f"{path}:{r['line']}"
         prompt = tokenizer.expand_image_tokens(
             f"USER: {tokenizer.IMAGE}\n{r['text']} ASSISTANT:", config.num_image_tokens
         )
         row = tokenizer.encode_text(tok, prompt)
         if sum(t == config.image_token_index for t in row) != config.num_image_tokens:
-            raise ValueError(
-                f"{path}:{i + 1}: the tokenizer of {model_dir} does not map "
+            raise UserError(
+                f"{where}: the tokenizer of {model_dir} does not map "
                 f"{tokenizer.IMAGE!r} to image_token_index={config.image_token_index}"
+            )
+        if len(row) > context:
+            raise UserError(
+                f"{where}: the prompt has {len(row)} tokens ({config.num_image_tokens} image "
+                f"tokens included), more than the model's context of {context}"
             )
         ids.append(row)
     pad = config.text.pad_token_id or 0
     input_ids, mask = pad_left(ids, pad)
-    pix = np.stack([load_pixels(os.path.join(base, r["image"]), model_dir, config) for r in rows])
+    pix = rows_pixels(path, rows, model_dir, config)
     return Calibration(input_ids, mask, pix.astype(np.float32))
 
 
 def calibration_for(
-    config: LlavaConfig, model_dir: str | None, n: int, seed: int = 0, path: str | None = None
+    config: LlavaConfig,
+    model_dir: str | None,
+    n: int,
+    seed: int = 0,
+    path: str | None = None,
+    image_root: str | None = None,
 ) -> Calibration:
     """The calibration batch for a model (never an evaluation split).
 
     `path` (a jsonl of image + text rows) when given; else random prompts for `tiny` (no
     directory), and the toy task's multimodal proxy samples for the toy (or a model of the
-    toy's image size); any other model needs `path`.
+    toy's image size); any other model needs `path`. `image_root`: the folder the file's
+    images may come from (default: the file's own directory).
     """
     if path is not None:
         if model_dir is None:
-            raise ValueError("a calibration file needs a model directory with a tokenizer")
-        return file_calibration(config, model_dir, path, n)
+            raise UserError(
+                f"{path}: a calibration file needs a model directory with a tokenizer "
+                "('tiny' has none)"
+            )
+        return file_calibration(config, model_dir, path, n, image_root)
     if model_dir is None:
         return random_calibration(config, n, seed)
     from ellava_jax.data import scenes
 
     if config.vision.image_size != scenes.IMAGE_SIZE:
-        raise ValueError(
+        raise UserError(
             f"{model_dir}: pass a calibration file (jsonl rows with 'image' and 'text') for "
             "this model; the built-in proxy samples are the toy task's"
         )
