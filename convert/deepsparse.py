@@ -12,8 +12,8 @@ is raised: no figures are reported.
 Usage::
 
     bash scripts/setup_deepsparse.sh                      # once; idempotent
-    python -m convert.onnx --model DIR --out onnx/        # a pruned HF directory, toy or tiny
-    python -c "from convert import deepsparse as ds; print(ds.bench_cpu(['DENSE_DIR', 'PRUNED_DIR']))"
+    python -m convert.onnx --model DIR --out onnx/        # an HF directory, e.g. a pruned one
+    ellava bench-cpu --model DENSE_DIR --compare PRUNED_DIR  # bench_cpu below, dense first
     python benchmarks/bench_deepsparse_slice.py           # LLaMA-7B-width slice, dense vs 50/70%
 
 Timing notes: models are timed in interleaved rounds in one process (one DeepSparse context,
@@ -30,13 +30,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from ellava_jax.errors import EnvironmentFailure
+from convert import onnx as conv
+from ellava_jax.errors import EnvironmentFailure, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).resolve().parent / "deepsparse_runner.py"
@@ -66,7 +68,6 @@ def default_seq_len(configs: Sequence[Any]) -> int:
 def check_seq_len(configs: Sequence[Any], seq_len: int, graphs: Sequence[str], names=None) -> None:
     """Refuses a ``seq_len`` below 1, or one a model's context cannot hold: the prefill reads
     positions 0..seq_len-1, the decode step position seq_len (so it needs seq_len + 1)."""
-    from ellava_jax.errors import UserError
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise UserError(f"--seq-len={seq_len!r}: must be a whole number >= 1")
@@ -83,14 +84,58 @@ def check_seq_len(configs: Sequence[Any], seq_len: int, graphs: Sequence[str], n
             )
 
 
+def _checkout() -> Path | None:
+    """The source tree this module runs from, when it is a checkout (not an installed wheel)."""
+    if (ROOT / "scripts" / "setup_deepsparse.sh").is_file() and (ROOT / "pyproject.toml").is_file():
+        return ROOT
+    return None
+
+
+def _candidates() -> list[Path]:
+    """Where the DeepSparse environment's interpreter is looked for: ``$ELLAVA_DEEPSPARSE_PYTHON``
+    alone when it is set; else ``$DEEPSPARSE_VENV/bin/python`` (where
+    ``scripts/setup_deepsparse.sh`` puts it when that is set), then the checkout's
+    ``.venv-deepsparse`` (when running from a source tree, not an installed wheel)."""
+    if env := os.environ.get("ELLAVA_DEEPSPARSE_PYTHON"):
+        return [Path(env)]
+    out = []
+    if venv := os.environ.get("DEEPSPARSE_VENV"):
+        out.append(Path(venv) / "bin" / "python")
+    if (tree := _checkout()) is not None:
+        out.append(tree / ".venv-deepsparse" / "bin" / "python")
+    return out
+
+
 def deepsparse_python() -> Path:
-    """The DeepSparse environment's interpreter (``ELLAVA_DEEPSPARSE_PYTHON`` overrides)."""
-    env = os.environ.get("ELLAVA_DEEPSPARSE_PYTHON")
-    return Path(env) if env else ROOT / ".venv-deepsparse" / "bin" / "python"
+    """The DeepSparse environment's interpreter: the first of ``_candidates()`` that exists,
+    else the first place looked (an installed package's ``.venv-deepsparse``, which never
+    exists, when there is none). ``setup_hint()`` says how to create it."""
+    places = _candidates()
+    for p in places:
+        if p.exists():
+            return p
+    return places[0] if places else ROOT / ".venv-deepsparse" / "bin" / "python"
 
 
 def available() -> bool:
     return deepsparse_python().exists()
+
+
+def setup_hint() -> str:
+    """One line: where DeepSparse's environment was looked for, and how to create it."""
+    if env := os.environ.get("ELLAVA_DEEPSPARSE_PYTHON"):
+        looked = f"ELLAVA_DEEPSPARSE_PYTHON={env}"
+    else:
+        looked = ", ".join(str(p) for p in _candidates()) or "ELLAVA_DEEPSPARSE_PYTHON (unset)"
+    if (tree := _checkout()) is not None:
+        how = f"create it with `bash {tree / 'scripts' / 'setup_deepsparse.sh'}`"
+    else:
+        how = (
+            "create it with `bash scripts/setup_deepsparse.sh` in an ellava-jax checkout (a "
+            "Python 3.11 venv with deepsparse==1.8.0 and numpy<2) and set "
+            "ELLAVA_DEEPSPARSE_PYTHON to its bin/python"
+        )
+    return f"DeepSparse's environment not found (looked at {looked}); {how}"
 
 
 def _text(cfg: Any) -> Any:
@@ -258,6 +303,8 @@ def decoder_sparsity(params: Mapping) -> float:
 def bench_cpu(
     models: Sequence[str],
     *,
+    load: Callable[[str], tuple],
+    load_config: Callable[[str], Any] | None = None,
     seq_len: int | None = None,
     graphs: Sequence[str] = ("prefill", "decode"),
     num_cores: int | None = None,
@@ -265,8 +312,13 @@ def bench_cpu(
     runs: int = 2,
     workdir: str | os.PathLike | None = None,
 ) -> dict:
-    """Time the decoders of several models (``toy``, ``tiny`` or HF directories; the first is
-    the baseline, normally dense) in DeepSparse, and the first in onnxruntime too.
+    """Time the decoders of several models (names as ``load`` takes them, e.g. ``--model``'s
+    ``toy``, ``tiny`` or HF directories; the first is the baseline, normally dense) in
+    DeepSparse, and the first in onnxruntime too.
+
+    The caller resolves the names: ``load(name)`` returns ``(config, params, ...)``, called for
+    one model at a time while exporting; ``load_config(name)`` the config alone, for the checks
+    made before any export (None: ``load(name)[0]``, which reads the weights once more).
 
     Each model's decoder is exported (prefill over ``seq_len`` tokens; one decode step at a
     ``seq_len`` context), checked against onnxruntime, then timed in interleaved rounds.
@@ -279,13 +331,13 @@ def bench_cpu(
     "onnxruntime_median_ms" (first model)}}}}``; speedups are over the first model in
     DeepSparse, same run. Raises :class:`OutputMismatchError` on a mismatch.
     """
-    from ellava_jax.errors import UserError
-    from ellava_jax.models import load_config
 
     graphs = tuple(graphs)
     unknown = [g for g in graphs if g not in ("prefill", "decode")]
     if unknown or not graphs:
         raise UserError(f"--graphs={','.join(graphs)}: expected prefill, decode or both")
+    if load_config is None:
+        load_config = lambda m: load(m)[0]  # noqa: E731
     configs = [load_config(m) for m in models]  # every model checked before any export
     if seq_len is None:
         seq_len = default_seq_len(configs)
@@ -294,26 +346,22 @@ def bench_cpu(
     if not py.exists():
         raise DeepSparseUnavailable(f"{py} not found: run scripts/setup_deepsparse.sh")
     if workdir is not None:
-        return _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, Path(workdir))
+        return _bench_cpu(models, load, seq_len, graphs, num_cores, rounds, runs, Path(workdir))
     wd = Path(tempfile.mkdtemp(prefix="ellava-bench-cpu-"))
     try:
-        return _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, wd)
+        return _bench_cpu(models, load, seq_len, graphs, num_cores, rounds, runs, wd)
     finally:
         shutil.rmtree(wd, ignore_errors=True)
 
 
-def _bench_cpu(models, seq_len, graphs, num_cores, rounds, runs, wd: Path) -> dict:
-    import jax
-
-    from convert import onnx as conv
-    from ellava_jax.models import load_model
+def _bench_cpu(models, load, seq_len, graphs, num_cores, rounds, runs, wd: Path) -> dict:
 
     paths: dict[str, dict[str, str]] = {g: {} for g in graphs}
     sparsity, labels, cfg = {}, [], None
     for i, spec in enumerate(models):
         label = f"{i}:{Path(spec).name or spec}"
         labels.append(label)
-        cfg, params, _ = load_model(spec)
+        cfg, params = load(spec)[:2]
         params = jax.tree_util.tree_map(np.asarray, params)
         sparsity[label] = decoder_sparsity(params)
         for g in graphs:

@@ -34,12 +34,16 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     from convert.deepsparse import OutputMismatchError, bench_cpu
+    from ellava_jax.app.models import load_config, load_model
 
     models = [args.model, *args.compare]
     try:
         res = bench_cpu(
             models,
+            load=load_model,
+            load_config=load_config,
             seq_len=args.seq_len,
             graphs=tuple(args.graphs.split(",")),
             num_cores=args.num_cores,

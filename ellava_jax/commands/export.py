@@ -25,10 +25,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     import os
 
-    from convert.onnx import export_model
-    from ellava_jax.models import resolve_model_dir
+    import jax
+    import numpy as np
+
+    from convert.onnx import export_all
+    from ellava_jax.app.models import load_model, resolve_model_dir
     from ellava_jax.outputs import atomic_directory, claim_output, weight_bytes
 
     model_dir = resolve_model_dir(args.model)
@@ -40,7 +44,9 @@ def run(args) -> int:
         need_bytes=EXPORT_BYTES_PER_WEIGHT_BYTE * weight_bytes(model_dir),
     )
     with atomic_directory(out, NAME) as tmp:
-        paths = export_model(args.model, tmp, head=not args.no_head)
+        config, params, _ = load_model(args.model)
+        params = jax.tree_util.tree_map(np.asarray, params)  # host arrays: the graphs' weights
+        paths = export_all(config, params, tmp, head=not args.no_head)
     for name, path in paths.items():
         print(f"{name}: {os.path.join(out, os.path.basename(path))}")
     return 0
