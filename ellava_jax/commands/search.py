@@ -11,7 +11,24 @@ HELP = "EfficientLLaVA: search a per-layer pruning policy with search-space evol
 
 
 def add_arguments(p):
-    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    # imported here, not at the top: `ellava --help` imports every command module
+    import argparse
+
+    from ellava_jax.search.settings import ABLATIONS, describe_settings, shipped_recipes
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "search settings (a recipe's keys; `--set KEY=VALUE` overrides one, the value read as "
+        "YAML:\n0.6, true, null, [1, 2], {data: 2}; the ablation is applied last):\n"
+        + describe_settings()
+    )
+    names = ", ".join(shipped_recipes())
+    p.add_argument(
+        "--config",
+        required=True,
+        help=f"YAML recipe: a file, or the name of a shipped recipe ({names}; with or without "
+        ".yaml)",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -20,15 +37,23 @@ def add_arguments(p):
     )
     add_overwrite_flag(p)
     p.add_argument(
+        "--set",
+        dest="set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting of the recipe (repeatable); the settings are listed below",
+    )
+    p.add_argument(
         "--ablation",
         default="full",
-        choices=["full", "auto_wo_gen", "no_evo", "evo_wo_ub", "uniform"],
+        choices=list(ABLATIONS),
         help="the paper's ablations (Tables 1-2)",
     )
-    p.add_argument("--model", default=None, help="override the recipe's model")
-    p.add_argument("--p0", type=float, default=None, help="override the target sparsity")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--model", default=None, help="--set model=MODEL")
+    p.add_argument("--p0", default=None, help="--set p0=P0 (the target sparsity)")
+    p.add_argument("--rounds", default=None, help="--set rounds=ROUNDS")
+    p.add_argument("--seed", default=None, help="--set seed=SEED")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     p.add_argument(
         "--json", action="store_true", help="print result.json's summary as the last line"
@@ -36,22 +61,15 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ellava_jax.models import resolve_model_dir
+    # imported here, not at the top: `ellava --help` imports every command module
+    from ellava_jax.app.models import resolve_model_dir
+    from ellava_jax.app.search import run_search
     from ellava_jax.outputs import claim_output, weight_bytes
-    from ellava_jax.search.run import run_search
-    from ellava_jax.search.settings import ABLATIONS, load_settings
+    from ellava_jax.search.settings import ABLATIONS, command_line_overrides, load_settings
 
-    overrides = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "p0": args.p0,
-            "rounds": args.rounds,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }
-    settings = load_settings(args.config, **overrides)
+    flags = {"model": args.model, "p0": args.p0, "rounds": args.rounds, "seed": args.seed}
+    overrides, origins = command_line_overrides(args.set, flags)
+    settings = load_settings(args.config, overrides, origins=origins)
     settings = settings.replace(**ABLATIONS[args.ablation])
     model_dir = resolve_model_dir(settings.model)
     claim_output(
@@ -66,9 +84,9 @@ def run(args) -> int:
     )
     evaluate = None
     if not args.no_eval:
-        from ellava_jax.eval.harness import default_evaluator
+        from ellava_jax.app.sources import default_evaluator
 
-        evaluate = default_evaluator(settings)
+        evaluate = default_evaluator(settings, model_dir)
     result = run_search(settings, args.out, evaluate=evaluate, fresh=args.overwrite)
     acc = result["accuracy"]
     print(f"policy: {result['policy']}")
