@@ -26,13 +26,13 @@ def main(argv=None) -> int:
     ap.add_argument("--multimodal", type=int, default=32)
     args = ap.parse_args(argv)
 
-    from ellava_jax.models import load_model
+    from ellava_jax.app.models import load_model
+    from ellava_jax.app.search import FitnessBatches
+    from ellava_jax.app.sources import search_proxy
     from ellava_jax.prune.database import build_database
     from ellava_jax.prune.hessian import build_calibration_set
     from ellava_jax.search.fitness import loop_losses, population_losses
     from ellava_jax.search.policy import PolicySpace
-    from ellava_jax.search.proxy_sources import load_proxy
-    from ellava_jax.search.run import FitnessBatches
     from ellava_jax.search.settings import SearchSettings
 
     s = SearchSettings(
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     )
     config, params, model_dir = load_model(args.model)
     space = PolicySpace(config, 0.5)
-    proxy = load_proxy(s, config, model_dir)
+    proxy = search_proxy(s, config, model_dir)
     calib = build_calibration_set(config, params, proxy.calibration_batches())
     db = build_database(config, params, calib, space.levels, progress=False)
     parts = FitnessBatches(config, params, proxy, s).parts(params["multi_modal_projector"])

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/search_cost_model.py --config configs/llava-1.5-7b.yaml
     .venv/bin/python benchmarks/search_cost_model.py --config configs/toy.yaml --result DIR/result.json
 
-The count follows what `ellava search` runs (search/run.py), phase by phase; one multiply-add
+The count follows what `ellava search` runs (app/search.py), phase by phase; one multiply-add
 is 2 FLOPs, elementwise work is left out (eval/flops.py):
 
   forward       decoder prefill of the proxy parts (eval/flops.py per layer, as padded in their
@@ -89,9 +89,10 @@ def recipe_shapes(settings, config) -> tuple[list, list]:
 
 def proxy_shapes(settings, config, model_dir) -> tuple[list, list]:
     """(text parts, multimodal parts) as (rows, padded length), as the search groups them."""
-    from ellava_jax.search.proxy_sources import length_buckets, load_proxy
+    from ellava_jax.app.sources import search_proxy
+    from ellava_jax.search.proxy_sources import length_buckets
 
-    proxy = load_proxy(settings, config, model_dir)
+    proxy = search_proxy(settings, config, model_dir)
 
     def parts(mask):
         lengths = np.asarray(mask).sum(1)
@@ -132,8 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--result", help="a search's result.json: print its measured ratio beside")
     args = ap.parse_args(argv)
 
+    from ellava_jax.app.models import load_model
     from ellava_jax.config import LlavaConfig, get_preset
-    from ellava_jax.models import load_model
     from ellava_jax.search.settings import load_settings
 
     s = load_settings(args.config)

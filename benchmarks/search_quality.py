@@ -130,8 +130,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    from ellava_jax.eval.harness import default_evaluator
-    from ellava_jax.search.run import run_search
+    from ellava_jax.app.models import resolve_model_dir
+    from ellava_jax.app.search import run_search
+    from ellava_jax.app.sources import default_evaluator
     from ellava_jax.search.settings import ABLATIONS, load_settings
 
     bad = sorted(set(args.ablations) - set(ABLATIONS) - {"uniform"})
@@ -158,7 +159,9 @@ def main(argv=None) -> int:
                     overrides["rounds"] = args.rounds
                 settings = load_settings(args.config, **overrides).replace(**ABLATIONS[ablation])
                 if evaluate is None:
-                    evaluate = cached_evaluator(default_evaluator(settings))
+                    evaluate = cached_evaluator(
+                        default_evaluator(settings, resolve_model_dir(settings.model))
+                    )
                 t0 = time.perf_counter()
                 res = run_search(
                     settings,

@@ -48,7 +48,7 @@ def _static_copy(path, shapes, work_dir):
     DeepSparse's own input_shapes override rewrites the model file in place; this leaves the
     caller's file alone. Weights stored inline go with the copy into work_dir; a model with
     external data gets a graph-only copy beside it (its data file is found relative to it)."""
-    import onnx
+    import onnx  # the runner's own environment: imported where used, after its setup
 
     model = onnx.load(path, load_external_data=False)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
@@ -72,7 +72,7 @@ def _compile_deepsparse(path, shapes, batch, context, log_path):
 
     All engines share one Context (one thread pool): separate engines in one process each keep
     their own worker threads, and those of the engine not running compete with the one timed."""
-    from deepsparse import MultiModelEngine
+    from deepsparse import MultiModelEngine  # after main() set DeepSparse's logging level
 
     path = _static_copy(path, shapes, os.path.dirname(log_path))
 
@@ -96,9 +96,11 @@ def _compile_deepsparse(path, shapes, batch, context, log_path):
 
 
 def main(spec_path: str, out_path: str) -> int:
+    # Over 80 lines on purpose: the runner's whole job in its own environment, step by step.
     with open(spec_path) as f:
         spec = json.load(f)
     os.environ.setdefault("NM_LOGGING_LEVEL", "diagnose")
+    # imported after the logging level is set (DeepSparse reads it at import)
     import deepsparse
     import numpy as np
     import onnx

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import signal
 import sys
+import threading
+import traceback
 
 from ellava_jax import commands
+from ellava_jax.errors import EnvironmentFailure, UserError, environment_message
 
 
 def _command_modules():
@@ -40,7 +45,6 @@ def use_compilation_cache() -> str | None:
     67 s against 91 s). JAX_COMPILATION_CACHE_DIR, when set, wins (empty: no cache); a
     directory that cannot be made leaves the cache off. Returns the directory in use or None.
     """
-    import os
 
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
@@ -49,7 +53,7 @@ def use_compilation_cache() -> str | None:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return None
-    import jax
+    import jax  # here: `ellava --help` and bad flags answer without loading JAX
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -76,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     environment (disk full, read-only target; one line); 130 Ctrl-C and 143 SIGTERM, both after
     cleaning up; 70 an internal bug (its traceback and a request to report it).
     """
-    import signal
-    import threading
-
-    from ellava_jax.errors import EnvironmentFailure, UserError, environment_message
 
     args = build_parser().parse_args(argv)
     name = f"ellava {args.command}"
@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         if msg is not None:
             print(f"{name}: failed: {msg}", file=sys.stderr)
             return 1
-        import traceback
-
         traceback.print_exc()
         print(
             f"{name}: internal error ({type(e).__name__}): this is a bug in ellava-jax; please "

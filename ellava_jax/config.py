@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file
 
 # Keys that describe the checkpoint or the HF runtime, never the computation.
 _METADATA_KEYS = frozenset(
@@ -274,8 +275,6 @@ class LlavaConfig:
         """Builds a config from an HF LLaVA `config.json` (a dict, a file, or its directory)."""
         src = "config.json"
         if not isinstance(d, dict):
-            from ellava_jax.inputs import check_file
-
             path = os.fspath(d)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")

@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ellava_jax.errors import MissingInput, UserError
 
@@ -117,7 +118,6 @@ def confined_image(
 
 def read_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
     """An image file as uint8 [H, W, 3]; a file PIL cannot read is a `UserError`."""
-    from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
     head = f"{where}: image {path}" if where else path
@@ -139,7 +139,6 @@ def read_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
 
 def check_image_header(path: str | os.PathLike, where: str) -> None:
     """Opens just the header of an image: refuses a file that is not an image, cheaply."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path):

@@ -196,6 +196,40 @@ def gigabytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _check_existing(path: str, shown: str, command: str, kind: str, overwrite: bool) -> None:
+    """Refuses an existing OUT the command may not replace (see `claim_output`)."""
+    if kind == "dir" and not os.path.isdir(path):
+        if not overwrite:
+            raise UserError(
+                f"--out {shown}: it is a file, not a directory (pass --overwrite to replace it)"
+            )
+    elif kind == "file" and os.path.isdir(path):
+        raise UserError(f"--out {shown}: it is a directory, expected a file name")
+    elif kind == "file" and not overwrite and not _is_project_file(path):
+        raise UserError(
+            f"--out {shown}: the file exists and ellava did not write it "
+            "(pass --overwrite to replace it)"
+        )
+    elif kind == "dir" and not overwrite:
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as e:
+            raise EnvironmentFailure(f"--out {shown}: cannot read it ({e.strerror})") from None
+        marker = read_marker(path)
+        if entries and (marker is None or marker.get("command") != command):
+            what = (
+                f"the output of `ellava {marker.get('command')}`"
+                if marker
+                else f"files ellava did not write ({', '.join(entries[:3])}"
+                + (", ..." if len(entries) > 3 else "")
+                + ")"
+            )
+            raise UserError(
+                f"--out {shown}: the directory holds {what}; choose an empty or new "
+                f"directory, or pass --overwrite to replace it"
+            )
+
+
 def claim_output(
     out: str | os.PathLike,
     command: str,
@@ -239,36 +273,7 @@ def claim_output(
 
     existing = _first_existing(path, shown)
     if existing == path:
-        if kind == "dir" and not os.path.isdir(path):
-            if not overwrite:
-                raise UserError(
-                    f"--out {shown}: it is a file, not a directory (pass --overwrite to replace it)"
-                )
-        elif kind == "file" and os.path.isdir(path):
-            raise UserError(f"--out {shown}: it is a directory, expected a file name")
-        elif kind == "file" and not overwrite and not _is_project_file(path):
-            raise UserError(
-                f"--out {shown}: the file exists and ellava did not write it "
-                "(pass --overwrite to replace it)"
-            )
-        elif kind == "dir" and not overwrite:
-            try:
-                entries = sorted(os.listdir(path))
-            except OSError as e:
-                raise EnvironmentFailure(f"--out {shown}: cannot read it ({e.strerror})") from None
-            marker = read_marker(path)
-            if entries and (marker is None or marker.get("command") != command):
-                what = (
-                    f"the output of `ellava {marker.get('command')}`"
-                    if marker
-                    else f"files ellava did not write ({', '.join(entries[:3])}"
-                    + (", ..." if len(entries) > 3 else "")
-                    + ")"
-                )
-                raise UserError(
-                    f"--out {shown}: the directory holds {what}; choose an empty or new "
-                    f"directory, or pass --overwrite to replace it"
-                )
+        _check_existing(path, shown, command, kind, overwrite)
     clean_leftovers(path)
     if existing != path:
         target = existing  # the nearest ancestor that exists: OUT is created below it

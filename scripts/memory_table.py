@@ -1,7 +1,7 @@
 """Memory each step of the EfficientLLaVA journey needs for LLaVA-1.5-7B and -13B, as a markdown table.
 
 Sizes come from the real parameter trees (`param_shapes`, i.e. `jax.eval_shape`; nothing is
-allocated) and from the shapes the search works on (DESIGN.md and configs/llava-1.5-7b.yaml):
+allocated) and from the shapes the search works on (docs/architecture.md and configs/llava-1.5-7b.yaml):
 a level database of 5 levels, calibration Hessians in float32 per decoder layer, a population of
 16 candidates streamed through the decoder one layer at a time on 64 x 256 proxy tokens, and the
 projector trained with Adam on the top-8 candidates over 32 multimodal samples.
@@ -26,7 +26,6 @@ PROXY_SEGMENTS, PROXY_LEN = 64, 256
 MM_SAMPLES, MM_TEXT_TOKENS = 32, 64
 MODELS = ("llava-1.5-7b", "llava-1.5-13b")
 BF16, F32 = 2, 4
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _count(tree) -> int:
@@ -39,6 +38,7 @@ def sizes(name: str) -> dict[str, float]:
     """Bytes per row of the table for one preset."""
     from ellava_jax.config import get_preset
     from ellava_jax.model.llava import param_shapes
+    from ellava_jax.prune.masks import MATRICES
 
     cfg = get_preset(name)
     t = cfg.text
@@ -48,8 +48,7 @@ def sizes(name: str) -> dict[str, float]:
     n_linear = sum(
         _count(layers[str(i)][mod][m]["kernel"])
         for i in range(t.num_hidden_layers)
-        for mod, ms in (("self_attn", LINEARS[:4]), ("mlp", LINEARS[4:]))
-        for m in ms
+        for mod, m in (x.split(".") for x in MATRICES)
     )
     n_layer = n_linear // t.num_hidden_layers
     n_proj = _count(shapes["multi_modal_projector"])

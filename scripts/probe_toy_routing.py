@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.hf import load_hf_llava
-from ellava_jax.data import batches, questions, scenes
-from ellava_jax.data import tokenizer as T
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import pixel_values
 from ellava_jax.model.llama import (
     attention_mask_4d,
     layer_with_attention,
@@ -26,6 +26,7 @@ from ellava_jax.model.llama import (
     rope_cos_sin,
 )
 from ellava_jax.model.llava import embed_inputs
+from ellava_jax.toy import batches, questions, scenes
 
 
 def _named_cell(question: str) -> int | None:
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
     length = max(len(r) for r, _ in rows)
     b = batches.pad_left(rows, length, T.token_id(tok, T.PAD))
     ids = b["input_ids"]
-    px = scenes.pixel_values(np.stack([r.pixels for r in picked]))
+    px = pixel_values(np.stack([r.pixels for r in picked]))
 
     cells = scenes.patch_cells()
     img = ids == config.image_token_index  # [B, T]

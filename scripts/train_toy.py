@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python scripts/train_toy.py [--out ellava_jax/assets/toy] [--steps N]
 
-Builds the toy tokenizer, trains the toy LLaVA on the synthetic task (ellava_jax.data.train),
+Builds the toy tokenizer, trains the toy LLaVA on the synthetic task (ellava_jax.toy.train),
 writes config.json, model.safetensors, the tokenizer files and preprocessor_config.json to --out,
 then scores the test split dense and after 70% uniform magnitude pruning of the decoder linears
 and writes those figures to <out>/train_report.json.
@@ -17,9 +17,9 @@ import os
 import time
 
 from convert.hf import load_hf_llava, save_hf_llava
-from ellava_jax.data import questions, scenes
-from ellava_jax.data import tokenizer as T
-from ellava_jax.data import train as toy
+from ellava_jax.toy import questions, scenes
+from ellava_jax.toy import tokenizer as toy_tokenizer
+from ellava_jax.toy import train as toy
 
 
 def main(argv=None) -> None:
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     )
 
     t0 = time.time()
-    tok = T.build_toy_tokenizer()
+    tok = toy_tokenizer.build_toy_tokenizer()
     config = toy_config = toy.toy_config(
         tok.get_vocab_size(), args.hidden, args.layers, args.mlp, args.heads, args.kv_heads
     )
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     train_s = time.time() - t0
 
     save_hf_llava(args.out, config, params)
-    T.save_tokenizer(tok, args.out)
+    toy_tokenizer.save_tokenizer(tok, args.out)
     with open(os.path.join(args.out, "preprocessor_config.json"), "w") as f:
         json.dump(scenes.image_processor_config(), f, indent=2)
     config, params = load_hf_llava(args.out)  # score what was shipped

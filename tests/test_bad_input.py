@@ -15,9 +15,9 @@ import tempfile
 import numpy as np
 import pytest
 
+from ellava_jax.app.models import toy_dir
 from ellava_jax.cli import main
 from ellava_jax.errors import MissingInput, UserError
-from ellava_jax.models import toy_dir
 
 GOOD = {"question": "What is it?", "choices": ["a", "b"], "answer": 0, "category": "color"}
 
@@ -312,8 +312,8 @@ def test_bad_input_is_one_line_and_exit_2(name, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("model", ["toy", "tiny"])
 def test_check_runs_on_the_shipped_models(model, capsys):
     """Case 5: the prompt's text ids are none of the special ids (the toy's image token is 4)."""
+    from ellava_jax.app.models import load_config
     from ellava_jax.commands.check import text_ids
-    from ellava_jax.models import load_config
 
     config = load_config(model)
     t = config.text
@@ -327,7 +327,7 @@ def test_bench_cpu_default_seq_len_fits_and_refusals_leave_no_temp_dir(capsys):
     """Case 11: the default fits the decode step (half the context, at most 256); a refused
     run exports nothing and leaves no temporary directory."""
     from convert.deepsparse import check_seq_len, default_seq_len
-    from ellava_jax.models import load_config
+    from ellava_jax.app.models import load_config
 
     toy, tiny = load_config("toy"), load_config("tiny")
     assert default_seq_len([toy]) == 128 == toy.text.max_position_embeddings // 2

@@ -6,9 +6,12 @@ import re
 import numpy as np
 import pytest
 
-from ellava_jax.data import facts, proxy, questions, scenes
-from ellava_jax.data import tokenizer as T
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import CLIP_MEAN, CLIP_STD, pixel_values
 from ellava_jax.data.records import Record, RecordError, load_image, load_records, write_records
+from ellava_jax.toy import facts, questions, scenes
+from ellava_jax.toy import stream as proxy
+from ellava_jax.toy import tokenizer as toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def test_split():
 
 @pytest.fixture(scope="module")
 def tok():
-    return T.build_toy_tokenizer()
+    return toy_tokenizer.build_toy_tokenizer()
 
 
 def _take(it, n):
@@ -30,9 +33,9 @@ def test_scene_images_and_pixel_values():
     s = scenes.sample_scene(rng)
     img = scenes.render(s)
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
-    px = scenes.pixel_values(img)
+    px = pixel_values(img)
     assert px.shape == (1, 3, 32, 32) and px.dtype == np.float32
-    expect = (img[5, 7, 1] / 255 - scenes.CLIP_MEAN[1]) / scenes.CLIP_STD[1]
+    expect = (img[5, 7, 1] / 255 - CLIP_MEAN[1]) / CLIP_STD[1]
     assert px[0, 1, 5, 7] == pytest.approx(expect, rel=1e-5)
     assert scenes.num_visual_tokens() >= 64
     for o in s.objects:  # each object's colour is drawn at its centre
@@ -172,7 +175,7 @@ def test_tokenizer_covers_the_task(tok, test_split):
 
 def test_tokenizer_loads_with_transformers_and_round_trips(tok, tmp_path, test_split):
     transformers = pytest.importorskip("transformers")
-    T.save_tokenizer(tok, tmp_path)
+    toy_tokenizer.save_tokenizer(tok, tmp_path)
     at = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert at.padding_side == "left"
     assert (at.bos_token, at.eos_token, at.pad_token, at.unk_token) == (
@@ -215,7 +218,7 @@ def test_prompt_format_and_image_placeholders(tok):
 
 
 def test_train_stream_batches(tok):
-    from ellava_jax.data.batches import TrainStream
+    from ellava_jax.toy.batches import TrainStream
 
     st = TrainStream(tok, 64, n_image_rows=6, n_text_rows=4, length=160, seed=1, p_caption=0.5)
     a, b = next(st), next(TrainStream(tok, 64, 6, 4, 160, seed=1, p_caption=0.5))
@@ -236,7 +239,7 @@ def test_train_stream_batches(tok):
 def test_magnitude_prune_hits_only_decoder_linears():
     import jax
 
-    from ellava_jax.data.train import is_decoder_linear, magnitude_prune
+    from ellava_jax.toy.train import is_decoder_linear, magnitude_prune
 
     rng = np.random.default_rng(0)
 
@@ -295,7 +298,7 @@ def test_cell_targets_follow_the_pixels():
 
 
 def test_train_stream_multi_turn_rows(tok):
-    from ellava_jax.data.batches import TrainStream
+    from ellava_jax.toy.batches import TrainStream
 
     st = TrainStream(tok, 64, 8, 0, length=224, seed=2, p_caption=0.0, turns=3)
     b = next(st)
@@ -375,7 +378,7 @@ def test_focus_and_refs_name_what_the_answer_depends_on():
 
 def test_curriculum_streams(tok):
     """A starter stream asks only its categories, in every turn; unknown names are an error."""
-    from ellava_jax.data.batches import TrainStream
+    from ellava_jax.toy.batches import TrainStream
 
     st = TrainStream(tok, 64, 6, 0, 224, seed=4, p_caption=0.0, turns=3, categories=["shape"])
     b = next(st)
@@ -389,8 +392,8 @@ def test_curriculum_streams(tok):
 
 def test_category_boost(tok):
     """A boost multiplies a category's training weight; the splits are untouched."""
-    from ellava_jax.data import train as toy
-    from ellava_jax.data.batches import TrainStream
+    from ellava_jax.toy import train as toy
+    from ellava_jax.toy.batches import TrainStream
 
     boost = toy.parse_boost("spatial=3, context=2")
     assert boost == {"spatial": 3.0, "context": 2.0}

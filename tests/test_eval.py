@@ -9,17 +9,18 @@ import jax
 import numpy as np
 import pytest
 
-from ellava_jax.data import tokenizer as T
-from ellava_jax.data.questions import generate_split
+from ellava_jax.data import prompt as T
 from ellava_jax.data.records import write_records
 from ellava_jax.eval.harness import evaluate_records, perplexity
 from ellava_jax.model import init_params
+from ellava_jax.toy import tokenizer as toy_tokenizer
+from ellava_jax.toy.questions import generate_split
 from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    return T.build_toy_tokenizer()
+    return toy_tokenizer.build_toy_tokenizer()
 
 
 @pytest.fixture(scope="module")

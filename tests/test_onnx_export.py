@@ -639,7 +639,7 @@ def test_onnx_greedy_generation_matches_flax_generate():
 
 def test_export_toy_if_shipped(tmp_path):
     """The shipped toy (when present): decoder prefill vs the Flax forward."""
-    from ellava_jax import models
+    from ellava_jax.app import models
 
     d = models.toy_dir()
     if not os.path.exists(os.path.join(d, "config.json")):

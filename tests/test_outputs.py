@@ -327,7 +327,7 @@ def test_search_settings_are_checked_before_resuming(recipe, two_rounds, capsys,
     rc, _, err = _search(recipe, out, capsys, "--rounds", "1")
     assert rc == 2 and "2 rounds of this search are done" in _one_line(err)
     # a finished search: its result, nothing rebuilt
-    from ellava_jax.search import run
+    from ellava_jax.app import search as run
 
     monkeypatch.setattr(run, "build_database", _must_not_run)
     rc, out_text, _ = _search(recipe, out, capsys, "--json")
@@ -374,7 +374,7 @@ def test_corrupt_latest_round_falls_back_to_the_intact_one(
 
 
 def test_a_second_search_on_the_same_out_is_refused(recipe, two_rounds, capsys):
-    from ellava_jax.search.resume import RunLock
+    from ellava_jax.app.resume import RunLock
 
     out, _ = two_rounds
     with RunLock(str(out)):

@@ -19,8 +19,8 @@ from ellava_jax.search.evolve import SearchInterrupted, evolve
 from ellava_jax.search.fitness import fitness, loop_losses, population_losses
 from ellava_jax.search.policy import PolicySpace
 from ellava_jax.search.projector import importance_weights, train_projector
+from ellava_jax.search.proxy_batches import FitnessBatches
 from ellava_jax.search.proxy_sources import random_proxy
-from ellava_jax.search.run import FitnessBatches
 from ellava_jax.search.settings import SearchSettings, load_settings
 
 
@@ -130,8 +130,9 @@ def test_fitness_caches_the_text_parts_per_policy(tiny_search):
 def test_length_groups_give_the_loss_of_one_padded_batch(tiny_search):
     """Samples of different lengths, grouped by length (images following their samples), score
     the same L_proxy as all samples left-padded into one batch."""
+    from ellava_jax.model.losses import next_token_targets
     from ellava_jax.prune.hessian import left_pad
-    from ellava_jax.search.fitness import ProxyBatch, next_token_targets
+    from ellava_jax.search.fitness import ProxyBatch
     from ellava_jax.search.proxy_sources import ProxyData, length_buckets
 
     config, params, settings, space, db, _ = tiny_search
@@ -222,9 +223,7 @@ def _evolve(tiny_search, ckdir, stop=None):
     try:
         return evolve(
             settings,
-            config,
             params,
-            db,
             space,
             score,
             train,

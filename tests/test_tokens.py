@@ -33,15 +33,8 @@ from ellava_jax.tokens.apply import (
     layer_widths,
     prefill_layers,
 )
-from ellava_jax.tokens.recipe import (
-    Recipe,
-    RecipeMismatchError,
-    calibration_divergence,
-    fit_recipe,
-    keep_all,
-    model_signature,
-    random_calibration,
-)
+from ellava_jax.tokens.fit import calibration_divergence, fit_recipe, random_calibration
+from ellava_jax.tokens.recipe import Recipe, RecipeMismatchError, keep_all, model_signature
 from tests.conftest import prompt_batch, tiny_config
 
 
@@ -502,13 +495,14 @@ def test_token_prune_command(tmp_path, capsys):
 
 def test_calibration_sources(tmp_path):
     """Toy proxy samples (image + description turns) and a user jsonl of image + text rows."""
-    from ellava_jax.data import scenes
-    from ellava_jax.data import tokenizer as T
+    from ellava_jax.app.sources import fitprune_calibration
+    from ellava_jax.data import prompt as T
     from ellava_jax.data.records import save_image
-    from ellava_jax.tokens.recipe import calibration_for
+    from ellava_jax.toy import scenes
+    from ellava_jax.toy import tokenizer as toy_tokenizer
 
-    tok = T.build_toy_tokenizer()
-    T.save_tokenizer(tok, tmp_path)
+    tok = toy_tokenizer.build_toy_tokenizer()
+    toy_tokenizer.save_tokenizer(tok, tmp_path)
     config = tiny_config(
         text_vocab_size=tok.get_vocab_size(),
         image_token_index=T.token_id(tok, T.IMAGE),
@@ -517,7 +511,7 @@ def test_calibration_sources(tmp_path):
         vision_patch_size=scenes.PATCH_SIZE,
     )
     n = config.num_image_tokens
-    cal = calibration_for(config, str(tmp_path), 4)
+    cal = fitprune_calibration(config, str(tmp_path), 4)
     assert cal.input_ids.shape[0] == 4 and cal.pixel_values.shape == (4, 3, 32, 32)
     assert np.all(
         ((cal.input_ids == config.image_token_index) & (cal.attention_mask > 0)).sum(1) == n
@@ -527,12 +521,12 @@ def test_calibration_sources(tmp_path):
         save_image(tmp_path / f"im{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
         rows.append(json.dumps({"image": f"im{i}.png", "text": "Describe the picture."}))
     (tmp_path / "cal.jsonl").write_text("\n".join(rows) + "\n")
-    cal = calibration_for(config, str(tmp_path), 8, path=str(tmp_path / "cal.jsonl"))
+    cal = fitprune_calibration(config, str(tmp_path), 8, path=str(tmp_path / "cal.jsonl"))
     assert cal.input_ids.shape[0] == 3 and cal.pixel_values.shape == (3, 3, 32, 32)
     assert np.all((cal.input_ids == config.image_token_index).sum(1) == n)
     other = tiny_config(vision_image_size=64)
     with pytest.raises(ValueError, match="calibration file"):
-        calibration_for(other, str(tmp_path), 4)
+        fitprune_calibration(other, str(tmp_path), 4)
 
 
 def test_llava_7b_pruned_prefill_shapes():

@@ -13,10 +13,11 @@ import os
 import numpy as np
 import pytest
 
-from ellava_jax import models
-from ellava_jax.data import batches, questions, scenes
-from ellava_jax.data import tokenizer as T
-from ellava_jax.data import train as toy
+from ellava_jax.app import models
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import pixel_values
+from ellava_jax.toy import batches, questions
+from ellava_jax.toy import train as toy
 
 TOY = models.toy_dir()  # shipped with the package: missing is a failure, not a skip
 
@@ -59,7 +60,7 @@ def test_transformers_loads_it_with_the_same_logits(shipped):
         assert ids == T.encode_record(tok, r, config.num_image_tokens)[0]  # same tokens
         rows.append((ids, [0] * len(ids)))
     b = batches.pad_left(rows, max(len(i) for i, _ in rows), T.token_id(tok, T.PAD))
-    px = scenes.pixel_values(np.stack([r.pixels for r in recs]))
+    px = pixel_values(np.stack([r.pixels for r in recs]))
     ours = np.asarray(forward(config, params, b["input_ids"], px, b["attention_mask"]))
 
     model = LlavaForConditionalGeneration.from_pretrained(TOY, dtype=torch.float32).eval()
@@ -90,12 +91,13 @@ def test_fitprune_halves_visual_flops_at_dense_accuracy(shipped):
     """FitPrune on the toy: a recipe fitted on proxy captions cuts the visual tokens' prefill
     FLOPs by half and answers a test slice within 2 points of the dense model (the full split,
     1,200 questions, measured 91.7% against 91.5%; docs/architecture.md)."""
+    from ellava_jax.app.sources import fitprune_calibration
     from ellava_jax.eval import harness
     from ellava_jax.tokens import recipe_last_logits
-    from ellava_jax.tokens.recipe import calibration_for, fit_recipe
+    from ellava_jax.tokens.fit import fit_recipe
 
     config, params, tok = shipped
-    recipe = fit_recipe(config, params, calibration_for(config, TOY, 32), 0.5)
+    recipe = fit_recipe(config, params, fitprune_calibration(config, TOY, 32), 0.5)
     assert recipe.flops_reduction >= 0.5 and recipe.flops_scope == "visual"
     assert recipe.keep[0] == config.num_image_tokens, recipe  # start layer 1 wins on the toy
     test = [r for r, _ in questions.generate_split("test", 300)]

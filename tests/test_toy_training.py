@@ -6,14 +6,15 @@ import itertools
 import jax
 import numpy as np
 
-from ellava_jax.data import scenes
-from ellava_jax.data import train as toy
+from ellava_jax.data.images import pixel_values
 from ellava_jax.model.llava import embed_image
+from ellava_jax.toy import scenes
+from ellava_jax.toy import train as toy
 
 
 def _read_cells(config, params, aux, scene_list):
     """Per-token argmax of the aux head: [B, N, 5] (colour, shape, size, cell, kind)."""
-    px = scenes.pixel_values(np.stack([scenes.render(s) for s in scene_list]))
+    px = pixel_values(np.stack([scenes.render(s) for s in scene_list]))
     logits = np.asarray(embed_image(config, params, px) @ aux["kernel"] + aux["bias"])
     out, start = [], 0
     for n in toy._AUX_CLASSES:
@@ -94,7 +95,7 @@ def test_readout_loss_is_the_cross_entropy_at_answer_positions():
 
 
 def test_answer_space_holds_every_toy_answer_once():
-    from ellava_jax.data import questions
+    from ellava_jax.toy import questions
 
     space = questions.answer_space()
     assert len(space) == len(set(space))

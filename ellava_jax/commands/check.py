@@ -16,12 +16,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from ellava_jax.app.models import load_model
     from ellava_jax.model import forward, generate
-    from ellava_jax.models import load_model
 
     t0 = time.perf_counter()
     config, params, path = load_model(args.model, dtype=args.dtype and jnp.dtype(args.dtype))

@@ -17,11 +17,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     import jax
     import jax.numpy as jnp
 
     from convert.hf import save_hf_llava
-    from ellava_jax.models import load_model, resolve_model_dir
+    from ellava_jax.app.models import load_model, resolve_model_dir
     from ellava_jax.outputs import claim_output, weight_bytes
 
     model_dir = resolve_model_dir(args.model)

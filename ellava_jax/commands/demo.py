@@ -50,8 +50,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ellava_jax.demo import run_demo
-    from ellava_jax.models import resolve_model_dir
+    # imported here, not at the top: `ellava --help` imports every command module
+    from ellava_jax.app.demo import run_demo
+    from ellava_jax.app.models import resolve_model_dir
     from ellava_jax.outputs import claim_output, prepare_in_place, weight_bytes
 
     p0s = _p0_list(args.p0)

@@ -37,11 +37,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ellava_jax.data import tokenizer as T
+    # imported here, not at the top: `ellava --help` imports every command module
+    from ellava_jax.app import sources
+    from ellava_jax.app.models import TOY_NAME, load_model, resolve_model_dir
+    from ellava_jax.data import prompt as T
     from ellava_jax.errors import UserError
     from ellava_jax.eval import harness
     from ellava_jax.inputs import check_dir, check_file
-    from ellava_jax.models import TOY_NAME, load_model, resolve_model_dir
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit={args.limit}: evaluate at least 1 record")
@@ -55,7 +57,7 @@ def run(args) -> int:
     if resolve_model_dir(args.model) is None:
         raise UserError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
     # the data is checked whole (records, image paths) before the model is loaded
-    records, path = harness.load_eval_records(args.data, args.limit, args.image_root)
+    records, path = sources.eval_records(args.data, args.limit, args.image_root)
     config, params, model_dir = load_model(args.model)
     tok = T.load_tokenizer(model_dir)
     logits_fn = None
@@ -88,7 +90,7 @@ def run(args) -> int:
         ids, mask = proxy_segments(args.proxy, AutoTokenizer.from_pretrained(model_dir), 32, 128)
         res["proxy_perplexity"] = harness.perplexity(config, params, ids, mask)
     elif args.model == TOY_NAME or args.data is None:
-        res["proxy_perplexity"] = harness.toy_proxy_perplexity(config, params, tok)
+        res["proxy_perplexity"] = sources.toy_perplexity(config, params, tok)
     print(f"accuracy {res['accuracy']:.4f} on {res['n']} questions ({res['scoring']})")
     for cat, acc in res["per_category"].items():
         print(f"  {cat:>10}: {acc:.4f} (n={res['per_category_n'][cat]})")
@@ -109,7 +111,7 @@ def run(args) -> int:
 def _prefill_flops(config, params, tok, records, keep) -> dict | None:
     """Analytic decoder prefill FLOPs of the evaluated model (its measured weight sparsity, and
     the token recipe's `keep`) against the dense model, for the mean image prompt of `records`."""
-    from ellava_jax.data import tokenizer as T
+    from ellava_jax.data import prompt as T
     from ellava_jax.eval.flops import decoder_prefill_flops, sparsity_of_params, total_flops
 
     with_image = [r for r in records if r.has_image]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-from ellava_jax.errors import UserError
 from ellava_jax.outputs import add_overwrite_flag
 
 NAME = "prune"
@@ -40,35 +39,11 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
-def calibration_batches(args, config, model_dir):
-    """Proxy batches for calibration: --proxy file, else the model's default proxy data."""
-    from ellava_jax.data.segments import proxy_segments, random_segments
-
-    if args.proxy:
-        from transformers import AutoTokenizer
-
-        if model_dir is None:
-            raise UserError("--proxy needs a model directory with a tokenizer")
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        ids, mask = proxy_segments(args.proxy, tok, args.nsamples, args.seqlen, args.seed)
-        return [(ids, mask, None)]
-    if model_dir is None:  # tiny: random tokens
-        ids, mask = random_segments(config.image_token_index, args.nsamples, args.seqlen, args.seed)
-        return [(ids, mask, None)]
-    from ellava_jax.models import toy_dir
-
-    if os.path.realpath(model_dir) != os.path.realpath(toy_dir()):
-        raise UserError(
-            f"{model_dir}: pass --proxy FILE (local proxy text, e.g. PTB) to calibrate this model"
-        )
-    from ellava_jax.data import toy_proxy  # the shipped toy's own proxy data
-
-    return toy_proxy.calibration_batches(config, args.nsamples, args.seqlen, args.seed)
-
-
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     from convert.hf import write_hf_llava
-    from ellava_jax.models import load_model, resolve_model_dir
+    from ellava_jax.app.models import load_model, resolve_model_dir
+    from ellava_jax.app.sources import prune_calibration
     from ellava_jax.outputs import atomic_directory, claim_output, weight_bytes
     from ellava_jax.prune.hessian import build_calibration_set
     from ellava_jax.prune.masks import (
@@ -98,7 +73,10 @@ def run(args) -> int:
     calib = None
     if args.method != "magnitude":
         calib = build_calibration_set(
-            config, params, calibration_batches(args, config, model_dir), args.batch_size
+            config,
+            params,
+            prune_calibration(config, model_dir, args.proxy, args.nsamples, args.seqlen, args.seed),
+            args.batch_size,
         )
     pruned, stats = prune_model(
         config, params, sparsities, args.method, calib, nm=nm, batch_size=args.batch_size

@@ -15,6 +15,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
     from ellava_jax.report.report import write_report
 
     for path in write_report(args.dir, args.plots):

@@ -72,10 +72,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported here, not at the top: `ellava --help` imports every command module
+    from ellava_jax.app.models import load_model, resolve_model_dir
+    from ellava_jax.app.sources import fitprune_calibration
     from ellava_jax.eval.flops import flops_reduction
-    from ellava_jax.models import load_model, resolve_model_dir
     from ellava_jax.outputs import claim_output
-    from ellava_jax.tokens.recipe import calibration_for, fit_recipe
+    from ellava_jax.tokens.fit import fit_recipe
 
     if args.samples < 1:
         raise UserError(f"--samples={args.samples} must be at least 1")
@@ -90,7 +92,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     config, params, path = load_model(args.model)
     t_load = time.perf_counter() - t0
-    cal = calibration_for(
+    cal = fitprune_calibration(
         config, path, args.samples, args.seed, args.calibration, image_root=args.image_root
     )
     recipe = fit_recipe(

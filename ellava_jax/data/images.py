@@ -11,12 +11,26 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data.records import load_image
-from ellava_jax.data.scenes import CLIP_MEAN, CLIP_STD
 from ellava_jax.errors import UserError
 from ellava_jax.inputs import check_file, check_image_header, confined_image
+
+# CLIP's normalisation (openai/clip-vit-*), LLaVA-1.5's image processor defaults
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pixel_values(images: np.ndarray) -> np.ndarray:
+    """uint8 images [B, S, S, 3] (or one [S, S, 3]) -> float32 [B, 3, S, S], CLIP-normalised."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    x = x.astype(np.float32) / 255.0
+    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def preprocessor(model_dir: str | None, config: LlavaConfig) -> dict:
@@ -40,7 +54,6 @@ def preprocessor(model_dir: str | None, config: LlavaConfig) -> dict:
 
 def to_pixel_values(image: np.ndarray, prep: dict) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [3, crop, crop]."""
-    from PIL import Image
 
     im = Image.fromarray(np.asarray(image, np.uint8))
     w, h = im.size

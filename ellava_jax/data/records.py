@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ellava_jax.errors import UserError
+from ellava_jax.inputs import check_file, read_image
 
 MIN_CHOICES, MAX_CHOICES = 2, 5
 LETTERS = "ABCDE"
@@ -48,7 +50,7 @@ class Record:
     subject: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # uint8 [S, S, 3]
     # Synthetic records only, never in jsonl: the grid cells whose objects the answer depends
-    # on (`questions`); training can teach the decoder to look there (`data.train`).
+    # on (`questions`); training can teach the decoder to look there (`toy.train`).
     # Per focus head (`questions.FOCUS_HEADS`) the cells it should read, and the question's
     # words that name them.
     focus: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False, compare=False)
@@ -122,7 +124,6 @@ def load_records(path: str | Path) -> list[Record]:
     Raises:
         RecordError: on the first bad line, naming the file, the line number (1-based) and key.
     """
-    from ellava_jax.inputs import check_file
 
     path = Path(check_file(path, "jsonl file"))
     out = []
@@ -155,13 +156,11 @@ def image_path(jsonl_path: str | Path, record: Record) -> Path | None:
 def load_image(path: str | Path, where: str | None = None) -> np.ndarray:
     """An image file as uint8 [H, W, 3]; a file that is not an image is a `UserError` naming
     it (and `where`, e.g. the jsonl line that points at it)."""
-    from ellava_jax.inputs import read_image
 
     return read_image(path, where)
 
 
 def save_image(path: str | Path, pixels: np.ndarray) -> None:
-    from PIL import Image
 
     Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="RGB").save(path)
 

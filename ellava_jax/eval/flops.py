@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ellava_jax.config import LlavaConfig, TextConfig
+from ellava_jax.prune.masks import MATRICES, kernel_path
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = tuple(m.split(".")[1] for m in MATRICES)  # q_proj ... down_proj
 PARTS = (
     "q_proj",
     "k_proj",
@@ -151,15 +152,23 @@ def flops_reduction(
 
 def sparsity_of_params(config: LlavaConfig, params: dict) -> dict[int, dict[str, float]]:
     """Measured sparsity (share of exact zeros) of every decoder linear kernel in a parameter tree."""
-    layers = params["language_model"]["layers"]
-    out = {}
+    out: dict[int, dict[str, float]] = {}
     for layer in range(config.text.num_hidden_layers):
-        p = layers[str(layer)]
         out[layer] = {}
-        for name in LINEARS:
-            group = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            w = np.asarray(p[group][name]["kernel"])
-            out[layer][name] = float(np.mean(w == 0))
+        for m in MATRICES:
+            w = params
+            for k in kernel_path(layer, m):
+                w = w[k]
+            out[layer][m.split(".")[1]] = float(np.mean(np.asarray(w) == 0))
+    return out
+
+
+def by_layer(per_matrix) -> dict[int, dict[str, float]]:
+    """`prune.masks.policy_to_sparsities`' {(layer, "self_attn.q_proj"): s} as the
+    {layer: {"q_proj": s}} this module reads."""
+    out: dict[int, dict[str, float]] = {}
+    for (layer, m), s in per_matrix.items():
+        out.setdefault(layer, {})[m.split(".")[1]] = float(s)
     return out
 
 

@@ -20,11 +20,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ellava_jax.config import LlavaConfig
-from ellava_jax.data import tokenizer as T
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import load_pixels, pixel_values
 from ellava_jax.data.records import LETTERS, Record, load_records
 from ellava_jax.errors import UserError
-from ellava_jax.inputs import check_file, check_image_header
+from ellava_jax.inputs import check_file, check_image_header, confined_image
 from ellava_jax.model.llava import decode, embed_inputs, lm_head
+from ellava_jax.model.losses import next_token_targets, token_loss_sum
 
 SCORINGS = ("generate", "likelihood")
 
@@ -47,7 +49,6 @@ def _where(jsonl_path, record: Record, index: int) -> str:
 def record_image(jsonl_path, record: Record, index: int = 0, image_root=None):
     """The checked file of a record's image (`inputs.confined_image`): relative to the jsonl's
     directory and inside it, or inside `image_root` when given."""
-    from ellava_jax.inputs import confined_image
 
     if jsonl_path is None:
         raise UserError(f"record {index + 1}: image {record.image!r} without a jsonl file")
@@ -55,13 +56,11 @@ def record_image(jsonl_path, record: Record, index: int = 0, image_root=None):
 
 
 def _pixels(records: list[Record], jsonl_path, model_dir, config, image_root=None) -> np.ndarray:
-    from ellava_jax.data import scenes
-    from ellava_jax.data.images import load_pixels
 
     out = []
     for i, r in enumerate(records):
         if r.pixels is not None:
-            out.append(scenes.pixel_values(r.pixels)[0])
+            out.append(pixel_values(r.pixels)[0])
         else:
             path = record_image(jsonl_path, r, i, image_root)
             where = _where(jsonl_path, r, i)
@@ -123,6 +122,7 @@ def evaluate_records(
     Returns:
       {"accuracy", "n", "correct", "per_category": {cat: acc}, "per_category_n", "scoring"}.
     """
+    # Over 80 lines on purpose: one batched pass (prompt, image, score, tally) per chunk.
     if scoring not in SCORINGS:
         raise UserError(f"scoring {scoring!r}: expected one of {SCORINGS}")
     if not records:
@@ -185,7 +185,6 @@ def evaluate_records(
 
 @partial(jax.jit, static_argnums=0)
 def _nll(config, params, ids, mask):
-    from ellava_jax.search.fitness import next_token_targets, token_loss_sum
 
     embeds = embed_inputs(config, params, ids, None)
     logits, _ = decode(config, params, embeds, mask)
@@ -210,40 +209,16 @@ def perplexity(
     return math.exp(tot / max(cnt, 1.0))
 
 
-# ---------------------------------------------------------------------------------------------
-# The toy's defaults
-
-
-def toy_test_records(limit: int | None = None) -> list[Record]:
-    """The toy's held-out test split (records with their images in memory)."""
-    from ellava_jax.data.questions import generate_split
-
-    recs = [r for r, _ in generate_split("test")]
-    return recs if limit is None else recs[:limit]
-
-
-def toy_proxy_perplexity(config, params, tok, n: int = 32, seq_len: int = 64) -> float:
-    from ellava_jax.data.proxy import proxy_text_segments
-    from ellava_jax.data.segments import segments_from_ids
-
-    text = " ".join(proxy_text_segments(n * 4, seed=12345))
-    ids = np.asarray(T.encode_text(tok, text, add_bos=False))
-    seg = segments_from_ids(ids, n, seq_len, seed=0)
-    return perplexity(config, params, seg, np.ones_like(seg))
-
-
 def load_eval_records(
     data: str | None, limit: int | None = None, image_root: str | None = None
 ) -> tuple[list[Record], str | None]:
-    """(records, jsonl path): a jsonl file, or the toy's test split when data is None / 'toy'.
+    """(records, jsonl path) of a jsonl file of multiple-choice records.
 
     A file is checked whole before any compute: it must hold records, and the images of the
     first `limit` must stay inside the jsonl's directory (or `image_root`) and be image files.
     """
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}: evaluate at least 1 record")
-    if data in (None, "toy", "toy-test"):
-        return toy_test_records(limit), None
     check_file(data, "evaluation file")
     recs = load_records(data)
     if not recs:
@@ -253,33 +228,3 @@ def load_eval_records(
         if r.image is not None:
             check_image_header(record_image(data, r, i, image_root), _where(data, r, i))
     return recs, data
-
-
-def default_evaluator(settings):
-    """An `evaluate(config, params) -> result` for the search's model, or None if it has no data.
-
-    The toy is evaluated on its test split; a user model on `settings.eval_data`.
-    """
-    from ellava_jax.models import resolve_model_dir
-
-    model_dir = resolve_model_dir(settings.model)
-    if model_dir is None or (settings.eval_data is None and settings.model != "toy"):
-        return None
-    tok = T.load_tokenizer(model_dir)
-    image_root = getattr(settings, "image_root", None)
-    records, path = load_eval_records(settings.eval_data, settings.eval_limit, image_root)
-    # refused now, not after the search: prompts the model cannot hold
-    check_prompt_lengths(LlavaConfig.from_hf_config(model_dir), tok, records, path)
-
-    def evaluate(config, params):
-        return evaluate_records(
-            config,
-            params,
-            tok,
-            records,
-            jsonl_path=path,
-            model_dir=model_dir,
-            image_root=image_root,
-        )
-
-    return evaluate

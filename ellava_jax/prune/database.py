@@ -22,6 +22,7 @@ import numpy as np
 from ellava_jax.config import LlavaConfig
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import MATRICES, get_path, kernel_path
+from ellava_jax.prune.obs import sparsegpt
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class LevelDatabase:
 @jax.jit
 def _prune_levels(kernel, hessian, sparsities):
     """SparseGPT at several sparsities, vmapped: [K] -> [K, in, out] (one OBS per level)."""
-    from ellava_jax.prune.obs import sparsegpt
 
     return jax.vmap(lambda s: sparsegpt(kernel, hessian, s)[0])(sparsities)
 

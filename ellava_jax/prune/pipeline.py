@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import UserError
+from ellava_jax.prune import baselines
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import (
     decoder_linears,
@@ -21,6 +22,7 @@ from ellava_jax.prune.masks import (
     kernel_path,
     set_path,
 )
+from ellava_jax.prune.obs import sparsegpt
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -51,10 +53,7 @@ def parse_nm(spec: str | None) -> tuple[int, int]:
 def _prune_matrix(method: str, kernel, hessian, sparsity: float, nm: tuple[int, int]):
     n, m = nm
     if method == "sparsegpt":
-        from ellava_jax.prune.obs import sparsegpt
-
         return sparsegpt(kernel, hessian, sparsity, prune_n=n, prune_m=m)
-    from ellava_jax.prune import baselines
 
     if method == "wanda":
         norms = jnp.sqrt(jnp.maximum(jnp.diag(hessian), 0.0))  # proportional to ||X_j||_2

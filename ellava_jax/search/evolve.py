@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from evosax.algorithms import CMA_ES, SimpleGA
 from flax import serialization
 
 from ellava_jax.search.policy import PolicySpace
+from ellava_jax.search.projector import importance_weights
 
 
 class SearchInterrupted(RuntimeError):
@@ -36,8 +39,6 @@ class Strategy:
     def __init__(
         self, name: str, space: PolicySpace, population: int, init_std: float, elite_ratio: float
     ):
-        import optax
-        from evosax.algorithms import CMA_ES, SimpleGA
 
         self.name = name
         dummy = jnp.zeros(space.n_entries, jnp.float32)
@@ -116,9 +117,7 @@ class EvolutionResult:
 
 def evolve(
     settings,
-    config,
     params: dict,
-    db,
     space: PolicySpace,
     score,
     train,
@@ -139,7 +138,6 @@ def evolve(
       stop_after_round: raise `SearchInterrupted` after checkpointing this round.
       on_round: called with each `RoundLog` (progress display).
     """
-    key = jax.random.key(settings.seed)
     strat = Strategy(
         settings.strategy,
         space,
@@ -147,87 +145,119 @@ def evolve(
         settings.init_std,
         settings.top_k / settings.population,
     )
-    p, e, k = settings.population, space.n_entries, settings.top_k
-    projector = params["multi_modal_projector"]
-    arch_idx = np.zeros((settings.rounds, k, e), np.int32)
-    arch_fit = np.full((settings.rounds, k), np.inf, np.float32)
-    logs: list[RoundLog] = []
-    state = None
-    start = 0
+    st = _SearchState.start(settings, space, params["multi_modal_projector"])
     if resume is not None:
+        st.restore(resume, strat, settings)
+    for r in range(st.next_round, settings.rounds):
+        log = _round(r, st, strat, settings, space, score, train)
+        if checkpoints is not None:
+            checkpoints.save(r, st.arrays(), st.logs)
+        if on_round is not None:
+            on_round(log)
+        if stop_after_round is not None and r == stop_after_round:
+            raise SearchInterrupted(f"stopped after round {r}")
+    return _winner(st, settings, space, score)
+
+
+@dataclass
+class _SearchState:
+    """What a round changes and a checkpoint keeps: the strategy state, the projector, the
+    archive of each round's top-k (levels and J) and the round logs."""
+
+    key: jax.Array
+    projector: dict
+    archive_idx: np.ndarray  # [R, top_k, E]
+    archive_fitness: np.ndarray  # [R, top_k]
+    logs: list
+    strategy: object = None
+    next_round: int = 0
+
+    @classmethod
+    def start(cls, settings, space: PolicySpace, projector) -> _SearchState:
+        k, e = settings.top_k, space.n_entries
+        return cls(
+            jax.random.key(settings.seed),
+            projector,
+            np.zeros((settings.rounds, k, e), np.int32),
+            np.full((settings.rounds, k), np.inf, np.float32),
+            [],
+        )
+
+    def restore(self, resume, strat: Strategy, settings) -> None:
+        """Continues after a checkpointed round; the archive grows when rounds were raised."""
         last, saved, rows = resume
         saved = jax.tree_util.tree_map(jnp.asarray, saved)
+        k, e = self.archive_idx.shape[1:]
         if saved["archive_idx"].shape[1:] != (k, e) or last >= settings.rounds:
             raise ValueError(
                 f"checkpoint of round {last + 1} holds an archive of shape "
                 f"{saved['archive_idx'].shape}, not (rounds, {k}, {e}) for {settings.rounds} rounds"
             )
-        state = tree_to_state(strat.template(jax.random.key(0)), saved["strategy"])
-        projector = saved["projector"]
+        self.strategy = tree_to_state(strat.template(jax.random.key(0)), saved["strategy"])
+        self.projector = saved["projector"]
         n = min(saved["archive_idx"].shape[0], settings.rounds)
-        arch_idx[:n] = np.asarray(saved["archive_idx"])[:n]
-        arch_fit[:n] = np.asarray(saved["archive_fitness"])[:n]
-        logs = [RoundLog(**row) for row in rows]
-        start = last + 1
-    for r in range(start, settings.rounds):
-        t0 = time.perf_counter()
-        kr = jax.random.fold_in(key, r)
-        k_ask, k_tell = jax.random.split(kr)
-        rng = _round_rng(key, r, 1)
-        if r == 0 and settings.strategy == "ga":
-            idx = space.random(p, rng)
-        else:
-            if state is None:  # CMA-ES round 0: sample around the uniform policy
-                state = strat.algo.init(k_ask, strat.centre, strat.params)
-            genomes, state = strat.ask(k_ask, state)
-            idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
-        assert space.is_valid(idx).all()
-        j, loss, g = (np.asarray(x) for x in score(projector, idx))
-        pop = jnp.asarray(space.encode(idx))
-        if r == 0 and settings.strategy == "ga":
-            state = strat.init(k_tell, pop, jnp.asarray(j))
-        else:
-            state = strat.tell(k_tell, pop, jnp.asarray(j), state)
-        order = np.argsort(j, kind="stable")
-        top = order[:k]
-        arch_idx[r], arch_fit[r] = idx[top], j[top]
-        from ellava_jax.search.projector import importance_weights
+        self.archive_idx[:n] = np.asarray(saved["archive_idx"])[:n]
+        self.archive_fitness[:n] = np.asarray(saved["archive_fitness"])[:n]
+        self.logs = [RoundLog(**row) for row in rows]
+        self.next_round = last + 1
 
-        c = importance_weights(idx[top], settings.neighbors, settings.weighting)
-        projector, plosses = train(projector, idx[top], c)
-        b = order[0]
-        log = RoundLog(
-            round=r,
-            best_fitness=float(j[b]),
-            mean_fitness=float(j.mean()),
-            best_loss=float(loss[b]),
-            best_g=float(g[b]),
-            best_policy=space.sparsities(idx[b]),
-            best_mean_sparsity=float(space.mean_sparsity(idx[b])),
-            c_m=[float(x) for x in c],
-            projector_loss_first=float(plosses[0]) if len(plosses) else None,
-            projector_loss_last=float(plosses[-1]) if len(plosses) else None,
-            seconds=time.perf_counter() - t0,
-        )
-        logs.append(log)
-        if checkpoints is not None:
-            checkpoints.save(
-                r,
-                {
-                    "strategy": state_to_tree(state),
-                    "projector": projector,
-                    "archive_idx": arch_idx,
-                    "archive_fitness": arch_fit,
-                },
-                logs,
-            )
-        if on_round is not None:
-            on_round(log)
-        if stop_after_round is not None and r == stop_after_round:
-            raise SearchInterrupted(f"stopped after round {r}")
+    def arrays(self) -> dict:
+        return {
+            "strategy": state_to_tree(self.strategy),
+            "projector": self.projector,
+            "archive_idx": self.archive_idx,
+            "archive_fitness": self.archive_fitness,
+        }
 
-    # The winner: every archived top candidate re-scored under the final projector.
-    flat = arch_idx.reshape(-1, e)[np.isfinite(arch_fit.reshape(-1))]
+
+def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, train) -> RoundLog:
+    """One round: propose (round 0 of the GA: random valid policies), score the population,
+    tell the strategy, archive the top-k, train the projector on their c_m-weighted loss."""
+    t0 = time.perf_counter()
+    k_ask, k_tell = jax.random.split(jax.random.fold_in(st.key, r))
+    rng = _round_rng(st.key, r, 1)
+    first_ga = r == 0 and settings.strategy == "ga"
+    if first_ga:
+        idx = space.random(settings.population, rng)
+    else:
+        if st.strategy is None:  # CMA-ES round 0: sample around the uniform policy
+            st.strategy = strat.algo.init(k_ask, strat.centre, strat.params)
+        genomes, st.strategy = strat.ask(k_ask, st.strategy)
+        idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
+    assert space.is_valid(idx).all()
+    j, loss, g = (np.asarray(x) for x in score(st.projector, idx))
+    pop = jnp.asarray(space.encode(idx))
+    if first_ga:
+        st.strategy = strat.init(k_tell, pop, jnp.asarray(j))
+    else:
+        st.strategy = strat.tell(k_tell, pop, jnp.asarray(j), st.strategy)
+    order = np.argsort(j, kind="stable")
+    top = order[: settings.top_k]
+    st.archive_idx[r], st.archive_fitness[r] = idx[top], j[top]
+    c = importance_weights(idx[top], settings.neighbors, settings.weighting)
+    st.projector, plosses = train(st.projector, idx[top], c)
+    b = order[0]
+    log = RoundLog(
+        round=r,
+        best_fitness=float(j[b]),
+        mean_fitness=float(j.mean()),
+        best_loss=float(loss[b]),
+        best_g=float(g[b]),
+        best_policy=space.sparsities(idx[b]),
+        best_mean_sparsity=float(space.mean_sparsity(idx[b])),
+        c_m=[float(x) for x in c],
+        projector_loss_first=float(plosses[0]) if len(plosses) else None,
+        projector_loss_last=float(plosses[-1]) if len(plosses) else None,
+        seconds=time.perf_counter() - t0,
+    )
+    st.logs.append(log)
+    return log
+
+
+def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionResult:
+    """Every archived top candidate re-scored under the final projector; the lowest J wins."""
+    p, e = settings.population, space.n_entries
+    flat = st.archive_idx.reshape(-1, e)[np.isfinite(st.archive_fitness.reshape(-1))]
     uniq = np.unique(flat, axis=0) if len(flat) else space.uniform()[None]
     scores = []
     for s in range(0, len(uniq), p):
@@ -237,15 +267,15 @@ def evolve(
             if len(chunk) < p
             else chunk
         )
-        scores.append(np.asarray(score(projector, padded)[0])[: len(chunk)])
+        scores.append(np.asarray(score(st.projector, padded)[0])[: len(chunk)])
     scores = np.concatenate(scores)
     best = int(np.argmin(scores))
     return EvolutionResult(
         best_idx=uniq[best],
         best_fitness=float(scores[best]),
-        projector=projector,
-        rounds=logs,
-        archive_idx=arch_idx,
-        archive_fitness=arch_fit,
+        projector=st.projector,
+        rounds=st.logs,
+        archive_idx=st.archive_idx,
+        archive_fitness=st.archive_fitness,
         evaluated=settings.population * settings.rounds + len(uniq),
     )

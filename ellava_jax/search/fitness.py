@@ -34,7 +34,8 @@ from ellava_jax.model.llama import (
     positions_from_mask,
     rope_cos_sin,
 )
-from ellava_jax.model.llava import lm_head, merge_image_features, project
+from ellava_jax.model.llava import decode, lm_head, merge_image_features, project
+from ellava_jax.model.losses import token_loss_sum
 from ellava_jax.prune.database import LevelDatabase
 from ellava_jax.prune.masks import MATRICES, decoder_linears, kernel_path, set_path
 from ellava_jax.search.policy import PolicySpace
@@ -61,16 +62,6 @@ def as_parts(batch) -> list[ProxyBatch]:
 def token_count(parts) -> float:
     """Scored positions in all parts (the denominator of L_proxy)."""
     return float(sum(float(jnp.sum(p.label_mask)) for p in as_parts(parts)))
-
-
-def next_token_targets(config: LlavaConfig, input_ids, attention_mask):
-    """(labels, label_mask): position t predicts token t+1 when both are real and t+1 is text."""
-    ids = jnp.asarray(input_ids)
-    mask = jnp.asarray(attention_mask)
-    labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    nxt_real = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    lm = (mask > 0) & (nxt_real > 0) & (labels != config.image_token_index)
-    return labels, lm.astype(jnp.float32)
 
 
 def layer_entries(space: PolicySpace) -> np.ndarray:
@@ -112,17 +103,6 @@ def _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4):
     return jax.vmap(one)(kern, h)
 
 
-def token_loss_sum(logits, labels, label_mask, dense_logp=None):
-    """(sum over masked positions, count): next-token NLL, or KL(dense || model) when
-    `dense_logp` (the dense model's log-probabilities) is given. logits [..., T, V]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    if dense_logp is None:
-        per_tok = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    else:
-        per_tok = (jnp.exp(dense_logp) * (dense_logp - logp)).sum(-1)
-    return (per_tok * label_mask).sum(), label_mask.sum()
-
-
 def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
     """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
     norm = RMSNorm(config.text.rms_norm_eps)
@@ -136,7 +116,7 @@ def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
 
 
 @partial(jax.jit, static_argnums=0)
-def _population_sums_jit(
+def population_sums_jit(
     config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp
 ):
     """[P] loss sums of one part for the candidates' levels lv_layers [P, L, 7]."""
@@ -182,7 +162,7 @@ def population_loss_sums(
     n = config.text.num_hidden_layers
     if not streaming:
         stacks = [db.layer_kernels(layer) for layer in range(n)]
-        return _population_sums_jit(
+        return population_sums_jit(
             config,
             params,
             stacks,
@@ -298,7 +278,6 @@ def assemble(
 @partial(jax.jit, static_argnums=0)
 def single_loss_sum(config, params, batch: ProxyBatch):
     """Loss sum of one model on one part, through `decode` (the loop baseline)."""
-    from ellava_jax.model.llava import decode
 
     logits, _ = decode(config, params, batch.inputs_embeds, batch.attention_mask)
     return token_loss_sum(logits, batch.labels, batch.label_mask, batch.dense_logp)[0]
@@ -317,7 +296,6 @@ def loop_losses(config, params, db, space, idx, parts) -> np.ndarray:
 
 def dense_log_probs(config: LlavaConfig, params: dict, batch: ProxyBatch) -> jax.Array:
     """log-probabilities of the dense model on the batch (the KL target)."""
-    from ellava_jax.model.llava import decode
 
     logits, _ = jax.jit(decode, static_argnums=0)(
         config, params, batch.inputs_embeds, batch.attention_mask

@@ -19,8 +19,8 @@ from flax import struct
 from ellava_jax.config import LlavaConfig
 from ellava_jax.search.fitness import (
     ProxyBatch,
-    _population_sums_jit,
     layer_entries,
+    population_sums_jit,
     project_and_merge,
 )
 
@@ -72,7 +72,7 @@ def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: list[Mu
     sums, count = 0.0, 0.0
     for bucket in mm:
         b = bucket.batch(config, proj)
-        sums = sums + _population_sums_jit(
+        sums = sums + population_sums_jit(
             config,
             params,
             stacks,

@@ -1,18 +1,18 @@
-"""Where the search's proxy samples come from: text segments and image + text samples.
+"""Proxy samples (text segments and image + text samples), as calibration and the search read
+them: `ProxyData`, random ones for random-weight models, and ones read from the user's files.
 
-`tiny` draws random tokens and images (seeded); the shipped toy uses its own proxy data (never
-its evaluation split); any other model takes local files: `proxy_text` (a text or jsonl file,
-e.g. PTB) and `proxy_multimodal` (jsonl records with `image` and `text`).
+Which of them a model gets is the command layer's choice (`app/sources.py`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.data.images import read_multimodal_jsonl, rows_pixels
+from ellava_jax.data.segments import proxy_segments, random_segments, read_proxy_text
 from ellava_jax.errors import UserError
 from ellava_jax.inputs import check_file
 
@@ -58,7 +58,6 @@ def random_proxy(
     config: LlavaConfig, n_text: int, seq_len: int, n_mm: int, seed: int = 0
 ) -> ProxyData:
     """Random tokens and images: calibration for random-weight models (tests, `tiny`)."""
-    from ellava_jax.data.segments import random_segments
 
     rng = np.random.default_rng(seed + 1)
     ids, mask = random_segments(config.image_token_index, n_text, seq_len, seed)
@@ -77,41 +76,37 @@ def random_proxy(
     return ProxyData(ids, mask, mm, np.ones_like(mm), pix)
 
 
-def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
-    """Proxy text from `settings.proxy_text`; image + text samples from `settings.proxy_multimodal`."""
-    from transformers import AutoTokenizer
+def file_proxy(
+    config: LlavaConfig,
+    tokenizer_dir: str,
+    text_file: str,
+    n_text: int,
+    seq_len: int,
+    seed: int = 0,
+    mm_file: str | None = None,
+    n_mm: int = 0,
+    image_root: str | None = None,
+) -> ProxyData:
+    """Text segments from `text_file` (text or jsonl, e.g. PTB); image + text samples from
+    `mm_file` (jsonl rows with `image` and `text`), tokenised with the model's own tokenizer."""
+    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
 
-    from ellava_jax.data.segments import proxy_segments, read_proxy_text
-
-    if not settings.proxy_text:
-        raise UserError(
-            f"{model_dir}: set proxy_text (a local text file such as PTB) in the search config"
-        )
-    read_proxy_text(settings.proxy_text)  # a missing or empty file, before the tokenizer loads
-    if settings.proxy_multimodal:
-        check_file(settings.proxy_multimodal, "multimodal jsonl file")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids, mask = proxy_segments(
-        settings.proxy_text, tok, settings.proxy_segments, settings.proxy_seq_len, settings.seed
-    )
+    read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
+    if mm_file:
+        check_file(mm_file, "multimodal jsonl file")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
     v = config.vision
-    empty = ProxyData(
-        ids,
-        mask,
-        np.zeros((0, 1), np.int64),
-        np.zeros((0, 1), np.int64),
-        np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32),
-    )
-    if not settings.proxy_multimodal:
-        return empty
-    from ellava_jax.data.images import read_multimodal_jsonl, rows_pixels
-
-    rows = read_multimodal_jsonl(
-        settings.proxy_multimodal,
-        getattr(settings, "image_root", None),
-        limit=settings.proxy_multimodal_samples,
-    )
-    pix = rows_pixels(settings.proxy_multimodal, rows, model_dir, config)
+    if not mm_file:
+        return ProxyData(
+            ids,
+            mask,
+            np.zeros((0, 1), np.int64),
+            np.zeros((0, 1), np.int64),
+            np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32),
+        )
+    rows = read_multimodal_jsonl(mm_file, image_root, limit=n_mm)
+    pix = rows_pixels(mm_file, rows, tokenizer_dir, config)
     seqs = []
     context = config.text.max_position_embeddings
     for r in rows:
@@ -121,7 +116,7 @@ def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
         )
         if len(seqs[-1]) > context:
             raise UserError(
-                f"{settings.proxy_multimodal}:{r['line']}: the sample has {len(seqs[-1])} tokens "
+                f"{mm_file}:{r['line']}: the sample has {len(seqs[-1])} tokens "
                 f"({config.num_image_tokens} image tokens included), more than the model's "
                 f"context of {context}"
             )
@@ -132,34 +127,3 @@ def file_proxy(settings, config: LlavaConfig, model_dir: str) -> ProxyData:
         mm[i, t - len(s) :] = s
         mm_mask[i, t - len(s) :] = 1
     return ProxyData(ids, mask, mm, mm_mask, pix)
-
-
-def load_proxy(settings, config: LlavaConfig, model_dir: str | None) -> ProxyData:
-    """The proxy samples for a search (see the module docstring)."""
-    context = config.text.max_position_embeddings
-    if settings.proxy_seq_len > context:
-        raise UserError(
-            f"proxy_seq_len={settings.proxy_seq_len}: more than the model's context of {context}"
-        )
-    if model_dir is None:
-        for key in ("proxy_text", "proxy_multimodal"):
-            if getattr(settings, key, None):
-                raise UserError(
-                    f"{key}={getattr(settings, key)!r}: model 'tiny' has no tokenizer and "
-                    f"draws random proxy samples; remove {key} or search 'toy' or an HF LLaVA "
-                    "directory"
-                )
-        return random_proxy(
-            config,
-            settings.proxy_segments,
-            settings.proxy_seq_len,
-            settings.proxy_multimodal_samples,
-            settings.seed,
-        )
-    from ellava_jax.models import toy_dir
-
-    if os.path.realpath(model_dir) == os.path.realpath(toy_dir()) and not settings.proxy_text:
-        from ellava_jax.data import toy_proxy
-
-        return toy_proxy.search_proxy(config, settings)
-    return file_proxy(settings, config, model_dir)

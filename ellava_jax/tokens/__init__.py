@@ -1,4 +1,5 @@
-"""FitPrune visual-token pruning: recipe fitting (`recipe`) and application (`apply`)."""
+"""FitPrune visual-token pruning: the recipe (`recipe`), its fitting (`fit`), its application
+(`apply`)."""
 
 from ellava_jax.tokens.apply import (
     forward_with_recipe,
@@ -7,12 +8,10 @@ from ellava_jax.tokens.apply import (
     layer_widths,
     recipe_last_logits,
 )
+from ellava_jax.tokens.fit import Calibration, fit_recipe
 from ellava_jax.tokens.recipe import (
-    Calibration,
     Recipe,
     RecipeMismatchError,
-    calibration_for,
-    fit_recipe,
     keep_all,
     load_recipe,
     model_signature,
@@ -22,7 +21,6 @@ __all__ = [
     "Calibration",
     "Recipe",
     "RecipeMismatchError",
-    "calibration_for",
     "fit_recipe",
     "forward_with_recipe",
     "generate_with_recipe",

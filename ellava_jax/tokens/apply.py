@@ -24,6 +24,7 @@ import numpy as np
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import UserError
+from ellava_jax.model.generate import append_new_tokens, greedy_decode
 from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     LlamaMLP,
@@ -35,14 +36,11 @@ from ellava_jax.model.llama import (
     rope_cos_sin,
 )
 from ellava_jax.model.llava import check_image_tokens, embed_inputs, embed_text, lm_head
-
-SCORES = ("text", "text_x_visual")
+from ellava_jax.tokens.recipe import SCORES, Recipe
 
 
 def _keep_tuple(config: LlavaConfig, recipe) -> tuple[int, ...]:
     """Per-layer kept visual tokens per image, from a Recipe (checked) or a sequence of ints."""
-    from ellava_jax.tokens.recipe import Recipe
-
     if isinstance(recipe, Recipe):
         recipe.check(config)
         keep = recipe.keep
@@ -390,23 +388,17 @@ def recipe_last_logits(recipe):
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widths, score, max_new):
     cfg = config.text
-    b = input_ids.shape[0]
     h, state, caches, key_masks = prefill_layers(
         config, params, embeds, input_ids, attention_mask, keep, widths, score, extra=max_new
     )
     logits = lm_head(config, params, _final_norm(config, params, h[:, -1:]))
     starts = [km.shape[1] - max_new for km in key_masks]  # each layer's prefill length
-    eos = cfg.eos_token_id
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    done = jnp.zeros((b,), bool) if eos is None else first == eos
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
     last_pos = positions_from_mask(attention_mask)[:, -1]
     layers = params["language_model"]["layers"]
 
-    def step(i, carry):
-        out, caches, done = carry
-        x = embed_text(config, params, out[:, i - 1][:, None])
+    def step(i, tok, caches):
+        """One new token through every layer, each attending to its own reduced cache."""
+        x = embed_text(config, params, tok[:, None])
         cos, sin = rope_cos_sin((last_pos + i)[:, None], cfg.head_dim, cfg.rope_theta, x.dtype)
         new_caches = []
         for layer in range(cfg.num_hidden_layers):
@@ -416,15 +408,9 @@ def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widt
                 {"params": layers[str(layer)]}, x, cos, sin, mask, caches[layer], idx
             )
             new_caches.append(c)
-        logits = lm_head(config, params, _final_norm(config, params, x))
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        if eos is not None:
-            nxt = jnp.where(done, pad, nxt)
-            done = done | (nxt == eos)
-        return out.at[:, i].set(nxt), new_caches, done
+        return lm_head(config, params, _final_norm(config, params, x)), new_caches
 
-    out, _, _ = jax.lax.fori_loop(1, max_new, step, (out, caches, done))
-    return out
+    return greedy_decode(cfg, logits, caches, step, max_new)
 
 
 def generate_with_recipe(
@@ -452,23 +438,6 @@ def generate_with_recipe(
         config, input_ids, pixel_values, attention_mask, recipe, score, widths
     )
     ids = ids.astype(jnp.int32)
-    new = np.asarray(
-        _generate_core(
-            config,
-            params,
-            _embed(config, params, ids, pixel_values),
-            ids,
-            mask,
-            keep,
-            widths,
-            score,
-            max_new_tokens,
-        )
-    )
-    eos = config.text.eos_token_id
-    if eos is not None:
-        finished = np.cumsum(new == eos, axis=1) > 0
-        all_done = np.nonzero(finished.all(axis=0))[0]
-        if all_done.size:
-            new = new[:, : all_done[0] + 1]
-    return np.concatenate([input_ids, new], axis=1)
+    embeds = _embed(config, params, ids, pixel_values)
+    new = _generate_core(config, params, embeds, ids, mask, keep, widths, score, max_new_tokens)
+    return append_new_tokens(input_ids, new, config.text.eos_token_id)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ellava_jax.data import facts, scenes
 from ellava_jax.data.records import Record, save_image, write_records
-from ellava_jax.data.scenes import COLOURS, POSITIONS, SHAPES, Obj, Scene
+from ellava_jax.toy import facts, scenes
+from ellava_jax.toy.scenes import COLOURS, POSITIONS, SHAPES, Obj, Scene
 
 TASK_SEED = 5  # the toy task's version; a change makes a new task
 SPLIT_CODES = {"train": 1, "validation": 2, "test": 3, "proxy": 4}

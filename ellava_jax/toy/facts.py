@@ -17,7 +17,7 @@ from functools import cache
 
 import numpy as np
 
-from ellava_jax.data.scenes import COLOURS, SHAPES
+from ellava_jax.toy.scenes import COLOURS, SHAPES
 
 FACT_SEED = 20261121
 N_HIDDEN_CREATURES = 120  # named creatures that only exist in text

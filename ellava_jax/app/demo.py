@@ -29,10 +29,24 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from ellava_jax.errors import MissingInput, UserError
+import jax
+import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from convert import deepsparse
+from ellava_jax.app import search as app_search
+from ellava_jax.app.models import load_config, load_model, resolve_model_dir
+from ellava_jax.app.sources import eval_records, fitprune_calibration
+from ellava_jax.config import get_preset
+from ellava_jax.data import prompt as T
+from ellava_jax.errors import MissingInput, UserError
+from ellava_jax.eval.flops import by_layer, flops_reduction
+from ellava_jax.eval.harness import evaluate_records
+from ellava_jax.prune.masks import policy_to_sparsities
+from ellava_jax.report.report import write_report
+from ellava_jax.search.settings import load_settings, shipped_recipes
+from ellava_jax.tokens import recipe_last_logits
+from ellava_jax.tokens.fit import fit_recipe
+
 STEP_FORMAT = "ellava-jax/demo-step/1"
 DEFAULT_P0 = (0.3, 0.4, 0.5)
 FITPRUNE_P0 = 0.5
@@ -60,12 +74,9 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def model_fingerprint(spec: str, seed: int = 0) -> dict:
     """What identifies a model's content: config + weight file hashes (or the tiny preset)."""
-    from ellava_jax.models import resolve_model_dir
 
     d = resolve_model_dir(spec)
     if d is None:
-        from ellava_jax.config import get_preset
-
         return {"preset": "tiny", "config": get_preset("tiny").to_hf_config(), "seed": seed}
     files = sorted(
         p for p in Path(d).iterdir() if p.name == "config.json" or p.suffix == ".safetensors"
@@ -105,18 +116,22 @@ def read_step(directory: Path) -> dict | None:
 
 
 def search_settings(model: str, p0: float, overrides: dict | None = None):
-    """The search recipe for one p0: configs/toy-p0X.yaml (toy), configs/tiny.yaml (tiny),
-    or configs/toy.yaml with p0 replaced; then `model` and `overrides`."""
-    from ellava_jax.search.settings import load_settings
-
-    tag = f"toy-p0{round(p0 * 10)}.yaml"
+    """The search recipe for one p0, from the recipes shipped with the package (configs/):
+    toy-p0X (toy), tiny (tiny), or toy with p0 replaced; then `model` and `overrides`."""
+    shipped = shipped_recipes()
+    if "toy" not in shipped or "tiny" not in shipped:
+        raise UserError(
+            "the shipped search recipes (configs/*.yaml) are missing from this install; "
+            "reinstall ellava-jax"
+        )
+    tag = f"toy-p0{round(p0 * 10)}"
     if model == "tiny":
-        path = CONFIGS / "tiny.yaml"
-    elif abs(p0 * 10 - round(p0 * 10)) < 1e-9 and (CONFIGS / tag).exists():
-        path = CONFIGS / tag
+        path = shipped["tiny"]
+    elif abs(p0 * 10 - round(p0 * 10)) < 1e-9 and tag in shipped:
+        path = shipped[tag]
     else:
-        path = CONFIGS / "toy.yaml"
-    s = load_settings(str(path), p0=p0, model=model)
+        path = shipped["toy"]
+    s = load_settings(path, p0=p0, model=model)
     return s.replace(**(overrides or {}))
 
 
@@ -269,13 +284,10 @@ class Demo:
         reused across steps (recognised by a hash of the parameters)."""
         if not self.has_accuracy:
             return None
-        from ellava_jax.data import tokenizer as T
-        from ellava_jax.eval.harness import evaluate_records, load_eval_records
-        from ellava_jax.models import resolve_model_dir
 
         model_dir = resolve_model_dir(self.model)
         tok = T.load_tokenizer(model_dir)
-        records, path = load_eval_records(None, self.eval_limit)
+        records, path = eval_records(None, self.eval_limit)
 
         def evaluate(config, params, logits_fn=None):
             fp = _params_hash(params)
@@ -297,8 +309,8 @@ class Demo:
     # -- the steps ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        from ellava_jax.models import load_model
 
+        # Over 80 lines on purpose: the journey's five steps read in order, each a few lines.
         self.out.mkdir(parents=True, exist_ok=True)
         self.say(f"model {self.model}, p0 {', '.join(f'{p:g}' for p in self.p0s)}, out {self.out}")
         try:
@@ -339,9 +351,10 @@ class Demo:
             search_keys[p0] = key
 
             def search(d: Path, s=s):
-                from ellava_jax.search.run import run_search
-
-                r = run_search(s, str(d), evaluate=evaluate, progress=self.progress, say=self.say)
+                # looked up per call, not imported at the top: tests stand in for it
+                r = app_search.run_search(
+                    s, str(d), evaluate=evaluate, progress=self.progress, say=self.say
+                )
                 return {"p0": s.p0, "mean_sparsity": r["mean_sparsity"]}
 
             self.step(name, key, search)
@@ -355,6 +368,8 @@ class Demo:
         )
         if self.skip_cpu_bench:
             self.skip("bench-cpu", "--skip-cpu-bench")
+        elif not deepsparse.available():
+            self.skip("bench-cpu", f"no DeepSparse environment: {deepsparse.setup_hint()}")
         elif len(searched_ok) < len(self.p0s):
             self.skip("bench-cpu", "a search step failed")
         else:
@@ -397,23 +412,7 @@ class Demo:
         return 0
 
     def _bench(self, d: Path, bench_settings: dict) -> dict:
-        try:
-            from convert import deepsparse
-        except ImportError as e:
-            raise StepFailed(
-                f"the CPU timing needs convert/deepsparse.py (ONNX export + DeepSparse), which "
-                f"this install lacks ({e}); rerun with --skip-cpu-bench"
-            ) from None
-        if not hasattr(deepsparse, "bench_cpu"):
-            raise StepFailed(
-                "convert.deepsparse has no bench_cpu (the export + DeepSparse timing work is "
-                "not in this install yet); rerun with --skip-cpu-bench"
-            )
-        if not deepsparse.available():
-            raise StepFailed(
-                f"DeepSparse's environment is missing ({deepsparse.deepsparse_python()}): run "
-                "`bash scripts/setup_deepsparse.sh`, or rerun with --skip-cpu-bench"
-            )
+
         models, roles = [self.model], [{"role": "dense", "p0": None}]
         for p0 in self.p0s:
             for sub, role in (("uniform", "uniform"), ("model", "searched")):
@@ -421,7 +420,11 @@ class Demo:
                 roles.append({"role": role, "p0": p0})
         try:
             res = deepsparse.bench_cpu(
-                models, seq_len=bench_settings["seq_len"], workdir=d / "onnx"
+                models,
+                load=load_model,
+                load_config=load_config,
+                seq_len=bench_settings["seq_len"],
+                workdir=d / "onnx",
             )
         except Exception as e:  # mismatch, runner crash: the message is the report
             raise StepFailed(f"{type(e).__name__}: {e}") from None
@@ -433,23 +436,15 @@ class Demo:
         return {"engine": res.get("engine"), "outputs_match": res.get("outputs_match")}
 
     def _fitprune(self, d: Path, p0: float, evaluate) -> dict:
-        from ellava_jax.eval.flops import flops_reduction
-        from ellava_jax.models import load_model
-        from ellava_jax.tokens import recipe_last_logits
-        from ellava_jax.tokens.recipe import calibration_for, fit_recipe
 
         model_dir = str(self.out / step_name(p0) / "model")
         config, params, _ = load_model(model_dir)
         cal_dir = None if self.model == "tiny" else model_dir
-        cal = calibration_for(config, cal_dir, self.fitprune_samples, 0, None)
+        cal = fitprune_calibration(config, cal_dir, self.fitprune_samples, 0, None)
         recipe = fit_recipe(config, params, cal, self.fitprune_reduction)
         recipe.save(d / "recipe.json")
         search = json.loads((self.out / step_name(p0) / "result.json").read_text())
-        policy = search["policy"]
-        sparsity = {
-            i: {m: (s[j] if isinstance(s, list) else s) for j, m in enumerate(_LINEARS)}
-            for i, s in enumerate(policy)
-        }
+        sparsity = by_layer(policy_to_sparsities(config, search["policy"]))
         tt, im = recipe.text_tokens, recipe.images
         res = {
             "p0": p0,
@@ -473,7 +468,6 @@ class Demo:
         return {"flops_reduction_total": res["flops_reduction_total"]}
 
     def _report(self, d: Path) -> dict:
-        from ellava_jax.report.report import write_report
 
         self.write_manifest()
         paths = write_report(self.out, plots_dir=d, link_dir="report")
@@ -485,12 +479,7 @@ def _outcome(status: str) -> str:
     return "ok" if status in ("done", "cached") else status
 
 
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def _params_hash(params) -> str:
-    import jax
-    import numpy as np
 
     h = hashlib.sha1()
     for x in jax.tree_util.tree_leaves(params):

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ellava_jax.data.images import CLIP_MEAN, CLIP_STD
+
 IMAGE_SIZE = 32  # pixels per side
 PATCH_SIZE = 4  # the toy CLIP tower's patch: (32 / 4)^2 = 64 visual tokens
 CELL = IMAGE_SIZE // 2
 
 # CLIP's normalisation (openai/clip-vit-*; llava-hf's preprocessor_config.json says the same).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -165,16 +165,6 @@ def render(scene: Scene) -> np.ndarray:
     return img
 
 
-def pixel_values(images: np.ndarray) -> np.ndarray:
-    """uint8 images [B, S, S, 3] (or one [S, S, 3]) -> float32 [B, 3, S, S], CLIP-normalised."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    x = x.astype(np.float32) / 255.0
-    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 def image_processor_config() -> dict:
     """HF `preprocessor_config.json` content for the toy images (CLIPImageProcessor fields)."""
     return {
@@ -197,7 +187,7 @@ def cell_targets(scene: Scene) -> np.ndarray:
     """What each grid cell holds, as class ids: int32 [4, 3] of (colour, shape, size).
 
     0 means an empty cell; colour 1..5, shape 1..4 and size 1..2 follow COLOURS, SHAPES and
-    SIZES. Training supervises the vision tower with it (`data.train`), never evaluation.
+    SIZES. Training supervises the vision tower with it (`toy.train`), never evaluation.
     """
     out = np.zeros((4, 3), np.int32)
     colours, sizes = list(COLOURS), list(SIZES)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 
 import jax
 import jax.numpy as jnp
 
+from convert.hf import load_hf_llava
 from ellava_jax.config import LlavaConfig, get_preset
 from ellava_jax.errors import MissingInput
 from ellava_jax.inputs import check_dir
-
-TOY_NAME = "toy"
-
-
-def toy_dir() -> str:
-    """Directory of the shipped, trained toy LLaVA (HF format)."""
-    return str(resources.files("ellava_jax") / "assets" / TOY_NAME)
+from ellava_jax.model import init_params
+from ellava_jax.toy.defaults import NAME as TOY_NAME
+from ellava_jax.toy.defaults import model_dir as toy_dir
 
 
 def resolve_model_dir(spec: str) -> str | None:
@@ -46,8 +42,6 @@ def load_model(spec: str, dtype=None, seed: int = 0) -> tuple[LlavaConfig, dict,
     `tiny` is the randomly initialised test preset (seeded); `toy` the shipped trained model;
     anything else a local HF LLaVA directory.
     """
-    from convert.hf import load_hf_llava
-    from ellava_jax.model import init_params
 
     d = resolve_model_dir(spec)
     if d is None:

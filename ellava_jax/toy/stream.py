@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ellava_jax.data import facts, scenes
-from ellava_jax.data.questions import NUMBERS, SPLIT_CODES, TASK_SEED
-from ellava_jax.data.scenes import Scene
+from ellava_jax.toy import facts, scenes
+from ellava_jax.toy.questions import NUMBERS, PEOPLE, SPLIT_CODES, TASK_SEED
+from ellava_jax.toy.scenes import Scene
 
 PROXY_CODE = 7  # seed stream of proxy text, apart from every split's question stream
 
@@ -109,7 +109,6 @@ def multimodal_samples(
 
 def corpus_for_vocabulary() -> list[str]:
     """Facts and descriptions covering every word they can produce (for the tokenizer)."""
-    from ellava_jax.data.questions import PEOPLE
 
     out = list(facts.all_statements())
     rng = np.random.default_rng(0)

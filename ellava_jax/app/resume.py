@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 
+from ellava_jax.app.models import resolve_model_dir
 from ellava_jax.errors import UserError
 
 RUN_FILE = "search.json"
@@ -48,7 +49,6 @@ def _file_identity(path: str | None) -> dict | None:
 
 def model_identity(spec: str) -> dict:
     """A model by path, and the size and modification time of its config and weight files."""
-    from ellava_jax.models import resolve_model_dir
 
     d = resolve_model_dir(spec)
     if d is None:

@@ -26,12 +26,14 @@ import numpy as np
 import optax
 
 from ellava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from ellava_jax.data import batches, questions, scenes
-from ellava_jax.data import tokenizer as T
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import pixel_values
 from ellava_jax.data.records import Record
 from ellava_jax.model import forward, init_params
 from ellava_jax.model.llama import LlamaModel, attention_mask_4d, positions_from_mask
 from ellava_jax.model.llava import embed_image, embed_text, lm_head, merge_image_features
+from ellava_jax.prune import baselines
+from ellava_jax.toy import batches, questions, scenes
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def pretrain_vision(config: LlavaConfig, params: dict, aux: dict, tc: TrainConfi
     t0 = time.time()
     for i in range(tc.vision_steps):
         batch = [next(stream) for _ in range(tc.vision_batch)]
-        px = scenes.pixel_values(np.stack([scenes.render(sc) for sc in batch]))
+        px = pixel_values(np.stack([scenes.render(sc) for sc in batch]))
         cells = np.stack([scenes.cell_targets(sc) for sc in batch])
         state, opt_state, value = step(state, opt_state, px, cells)
         if i % tc.log_every == 0 or i == tc.vision_steps - 1:
@@ -385,6 +387,7 @@ def train(config: LlavaConfig, tok, tc: TrainConfig, log=print, probe=None, prob
 
     probe(step, params), when given, runs every probe_every steps (e.g. a validation score).
     """
+    # Over 80 lines on purpose: one training loop with its schedule, logging and checkpoints.
 
     def mixed_stream(seed: int, min_objects: int = 1, categories=None) -> batches.TrainStream:
         return batches.TrainStream(
@@ -511,7 +514,7 @@ def score(
             chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape, one compilation
             rows = batches.record_rows(tok, chunk, config.num_image_tokens, with_answer=False)
             b = batches.pad_left(rows, length, pad)
-            px = scenes.pixel_values(np.stack([r.pixels for r in chunk])) if with_image else None
+            px = pixel_values(np.stack([r.pixels for r in chunk])) if with_image else None
             lg = np.asarray(
                 _last_logits_jit(config, params, b["input_ids"], b["attention_mask"], px)
             )
@@ -539,17 +542,10 @@ def is_decoder_linear(path: tuple[str, ...]) -> bool:
 
 
 def magnitude_prune(params: dict, sparsity: float) -> dict:
-    """Uniform magnitude pruning: each decoder linear loses its smallest |w| (a fraction)."""
+    """Uniform magnitude pruning of every decoder linear (`prune.baselines.magnitude_prune`)."""
 
     def prune(path, x):
         names = tuple(getattr(k, "key", str(k)) for k in path)
-        if not is_decoder_linear(names):
-            return x
-        k = int(round(sparsity * x.size))
-        if k == 0:
-            return x
-        a = np.abs(np.asarray(x, np.float32)).reshape(-1)  # toy sizes: host numpy is fastest
-        thr = np.partition(a, k - 1)[k - 1]
-        return jnp.asarray(np.where(a.reshape(x.shape) > thr, np.asarray(x), 0), x.dtype)
+        return baselines.magnitude_prune(x, sparsity)[0] if is_decoder_linear(names) else x
 
     return jax.tree_util.tree_map_with_path(prune, params)

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ellava_jax.data import proxy, questions, scenes
-from ellava_jax.data import tokenizer as T
+from ellava_jax.data import prompt as T
+from ellava_jax.data.images import pixel_values
 from ellava_jax.data.records import Record
+from ellava_jax.toy import questions, scenes
+from ellava_jax.toy import stream as proxy
 
 
 def pad_left(
@@ -61,7 +63,7 @@ def eval_batches(
         if not all(r.pixels is not None for r in chunk):
             raise ValueError("eval_batches needs records with pixels")
         out = pad_left(record_rows(tok, chunk, num_image_tokens, False), length, pad)
-        out["pixel_values"] = scenes.pixel_values(np.stack([r.pixels for r in chunk]))
+        out["pixel_values"] = pixel_values(np.stack([r.pixels for r in chunk]))
         out["answers"] = np.asarray([r.answer for r in chunk], np.int32)
         out["n"] = n
         yield out
@@ -241,7 +243,7 @@ class TrainStream:
                         out["focus"][i, off + t, h, list(where[h])] = 1.0
                     if refs is not None:
                         out["refs"][i, off + t, h, : len(refs[h])] = [off + j for j in refs[h]]
-        out["pixel_values"] = scenes.pixel_values(np.stack(pixels)) if pixels else None
+        out["pixel_values"] = pixel_values(np.stack(pixels)) if pixels else None
         out["cell_targets"] = np.stack(cells) if cells else None  # [B_img, 4, 3]
         # weights of predicting token t+1 from position t: target_mask shifted left
         tgt = np.zeros_like(out["target_mask"], dtype=np.float32)

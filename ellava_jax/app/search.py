@@ -1,0 +1,342 @@
+"""`ellava search` end to end: database, evolution, final re-prune, evaluation, outputs.
+
+Outputs in the run directory:
+  result.json      policy, mean sparsity, accuracy (dense / uniform / searched), OBS call
+                   counts, timings, settings
+  rounds.jsonl     per-round log: best and mean fitness, c_m, projector loss
+  model/           the searched, pruned model with the evolved projector (HF format)
+  uniform/         uniform SparseGPT at p0 (HF format), the baseline
+  checkpoint/      the searched model's params (orbax); checkpoints/ the per-round state
+  projector/       the evolved projector (orbax)
+  masks.npz        the searched model's masks
+  fitness.png      best and mean fitness per round; policy.png the per-layer sparsities;
+  accuracy.png     accuracy by category of dense / uniform / searched (when evaluated)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from convert.hf import save_hf_llava
+from ellava_jax import ckpt
+from ellava_jax.app import resume
+from ellava_jax.app.clock import PhaseClock
+from ellava_jax.app.models import load_model
+from ellava_jax.app.sources import search_proxy
+from ellava_jax.outputs import atomic_file, read_marker, write_marker
+from ellava_jax.prune.database import build_database
+from ellava_jax.prune.hessian import build_calibration_set
+from ellava_jax.prune.masks import masks_from_params, save_masks, sparsity_summary
+from ellava_jax.prune.pipeline import prune_model
+from ellava_jax.report import plots
+from ellava_jax.search.evolve import evolve
+from ellava_jax.search.fitness import fitness
+from ellava_jax.search.policy import PolicySpace
+from ellava_jax.search.projector import train_projector
+from ellava_jax.search.proxy_batches import FitnessBatches
+
+log = logging.getLogger(__name__)
+
+
+def run_search(
+    settings,
+    out_dir: str,
+    *,
+    evaluate=None,
+    stop_after_round=None,
+    progress=True,
+    say=print,
+    fresh: bool = False,
+) -> dict:
+    """Runs the search described by `settings` into `out_dir`, resuming a run of the same
+    settings (see `app/resume.py`); a finished one returns its result unchanged.
+
+    Args:
+      evaluate: `evaluate(config, params) -> {"accuracy": ..., ...}` or None (no accuracy).
+      stop_after_round: simulate a kill after this round (tests).
+      fresh: start afresh, removing what `out_dir` holds (`--overwrite`).
+    """
+    if fresh and os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        os.remove(out_dir)  # --overwrite of a file
+    os.makedirs(out_dir, exist_ok=True)
+    with resume.RunLock(out_dir):
+        if fresh:
+            resume.clear(out_dir)
+        if read_marker(out_dir) is None:
+            write_marker(out_dir, "search")
+        finished = resume.open_run(out_dir, settings, say)
+        if finished is not None:
+            return finished
+        return _run_search(settings, out_dir, evaluate, stop_after_round, progress, say)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one search reads: the model, its policy space, the proxy samples,
+    the dense calibration set, the phase clock and where to report progress."""
+
+    settings: object
+    out_dir: str
+    config: object
+    params: dict
+    model_dir: str | None
+    space: PolicySpace
+    proxy: object
+    calib: object
+    clock: PhaseClock
+    progress: bool
+    say: object
+
+
+def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) -> dict:
+    """The paper's Algorithm 1, stage by stage."""
+    t_all = time.perf_counter()
+    checkpoints = resume_point = None
+    if settings.rounds > 0:  # read before the expensive work: a corrupt round falls back
+        checkpoints = ckpt.RoundCheckpoints(os.path.join(out_dir, resume.CHECKPOINTS))
+        resume_point = checkpoints.latest_intact(say)
+    try:
+        run = _prepare(settings, out_dir, progress, say)
+        res, db_calls = None, 0
+        if settings.rounds > 0:
+            db = _level_database(run)
+            db_calls = db.pruner_calls
+            res = _evolve(run, db, checkpoints, resume_point, stop_after_round)
+            del db
+            best_idx, projector = res.best_idx, res.projector
+        else:  # the uniform ablation: no search
+            best_idx, projector = run.space.uniform(), run.params["multi_modal_projector"]
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    pruned, final_calls = _final_prune(run, best_idx, projector)
+    uniform, uniform_calls = _uniform_prune(run)
+    _write_models(run, pruned, uniform, projector)
+    accuracy = None
+    if evaluate is not None:
+        accuracy = {
+            "dense": evaluate(run.config, run.params),
+            "uniform": evaluate(run.config, uniform),
+            "searched": evaluate(run.config, pruned),
+        }
+    obs_calls = {
+        "database": db_calls,
+        "final_reprune": final_calls,
+        "search_total": db_calls + final_calls,
+        "uniform_baseline": uniform_calls,
+    }
+    result = _result(run, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all)
+    with atomic_file(os.path.join(out_dir, resume.RESULT_FILE)) as f:
+        json.dump(result, f, indent=1)
+    _plots(out_dir, result, res, settings)
+    return result
+
+
+def _prepare(settings, out_dir, progress, say) -> _Run:
+    """The model, the policy space, the proxy samples and the dense model's calibration."""
+
+    config, params, model_dir = load_model(settings.model)
+    space = PolicySpace(
+        config, settings.p0, settings.granularity, settings.step, settings.width, settings.tol
+    )
+    proxy = search_proxy(settings, config, model_dir)
+    calib = build_calibration_set(
+        config, params, proxy.calibration_batches(), settings.calib_batch_size
+    )
+    say(
+        f"search: {config.text.num_hidden_layers} decoder layers, {space.n_entries} policy entries, "
+        f"levels {space.levels.tolist()}, {calib.n_samples} proxy samples"
+    )
+    return _Run(
+        settings,
+        out_dir,
+        config,
+        params,
+        model_dir,
+        space,
+        proxy,
+        calib,
+        PhaseClock(),
+        progress,
+        say,
+    )
+
+
+def _level_database(run: _Run):
+    """Every decoder matrix pruned once at every grid level (dense Hessians)."""
+    s = run.settings
+    with run.clock("database"):
+        db = build_database(
+            run.config,
+            run.params,
+            run.calib,
+            run.space.levels,
+            where=s.database_storage,
+            batch_size=s.calib_batch_size,
+            progress=run.progress,
+        )
+    run.say(
+        f"level database: {db.pruner_calls} OBS calls ({run.space.n_levels} levels x "
+        f"{len(db.kernels)} matrices) in {db.seconds:.1f} s"
+    )
+    return db
+
+
+def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
+    """The rounds: population fitness from the database, top-k, c_m, projector training; the
+    round log in rounds.jsonl."""
+    s, config, params, space = run.settings, run.config, run.params, run.space
+    with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
+        fb = FitnessBatches(config, params, run.proxy, s)
+
+        def score(projector, idx):
+            p = dict(params, multi_modal_projector=projector)
+            return fitness(
+                config,
+                p,
+                db,
+                space,
+                idx,
+                fb.parts(projector),
+                s.eta,
+                cache=fb.cache,
+                streaming=s.streaming,
+            )
+
+        def train(projector, top_idx, c):
+            if not fb.has_mm or s.projector_steps <= 0:
+                return projector, np.zeros(0)
+            p = dict(params, multi_modal_projector=projector)
+            return train_projector(
+                config,
+                p,
+                db,
+                space,
+                top_idx,
+                c,
+                fb.training,
+                steps=s.projector_steps,
+                lr=s.projector_lr,
+                mass=s.projector_mass,
+            )
+
+        def show(r):
+            run.say(
+                f"round {r.round + 1}/{s.rounds}: best J {r.best_fitness:.4f} (L {r.best_loss:.4f}, "
+                f"G {r.best_g:.3f}), mean J {r.mean_fitness:.4f}, mean sparsity {r.best_mean_sparsity:.3f}, "
+                f"{r.seconds:.1f} s"
+            )
+
+        res = evolve(
+            s,
+            params,
+            space,
+            score,
+            train,
+            checkpoints,
+            resume=resume_point,
+            stop_after_round=stop_after_round,
+            on_round=show,
+        )
+    with atomic_file(os.path.join(run.out_dir, "rounds.jsonl")) as f:
+        for r in res.rounds:
+            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    return res
+
+
+def _final_prune(run: _Run, best_idx, projector):
+    """Sequential SparseGPT with the winning policy and the evolved projector."""
+    s = run.settings
+    with run.clock("final_prune"):
+        final_params = dict(run.params, multi_modal_projector=projector)
+        final_calib = build_calibration_set(
+            run.config, final_params, run.proxy.calibration_batches(), s.calib_batch_size
+        )
+        pruned, stats = prune_model(
+            run.config,
+            final_params,
+            run.space.per_matrix(best_idx),
+            "sparsegpt",
+            final_calib,
+            batch_size=s.calib_batch_size,
+            progress=run.progress,
+        )
+    run.say(f"final sequential re-prune: {stats.pruner_calls} OBS calls in {stats.seconds:.1f} s")
+    return pruned, stats.pruner_calls
+
+
+def _uniform_prune(run: _Run):
+    """The baseline: uniform SparseGPT at p0 with the original projector (one sequential
+    prune). It reuses what the final re-prune compiled: compare `cost_ratio_excluding_compile`."""
+    with run.clock("uniform_prune"):
+        uniform, stats = prune_model(
+            run.config,
+            run.params,
+            run.space.per_matrix(run.space.uniform()),
+            "sparsegpt",
+            run.calib,
+            batch_size=run.settings.calib_batch_size,
+            progress=run.progress,
+        )
+    return uniform, stats.pruner_calls
+
+
+def _write_models(run: _Run, pruned, uniform, projector) -> None:
+    """model/ and uniform/ (HF), checkpoint/ and projector/ (orbax), masks.npz."""
+
+    d, config = run.out_dir, run.config
+    save_hf_llava(os.path.join(d, "model"), config, pruned, copy_from=run.model_dir)
+    save_hf_llava(os.path.join(d, "uniform"), config, uniform, copy_from=run.model_dir)
+    ckpt.save_tree(os.path.join(d, "checkpoint"), pruned)
+    ckpt.save_tree(os.path.join(d, "projector"), projector)
+    save_masks(os.path.join(d, "masks.npz"), masks_from_params(config, pruned))
+
+
+def _result(run: _Run, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all) -> dict:
+    """result.json: the policy, sparsities, accuracy, OBS calls, timings and cost ratios."""
+    space, clock = run.space, run.clock
+    timings = clock.seconds()
+    phases = [p for p in ("database", "search", "final_prune") if p in clock.wall]
+    search_cost = sum(timings[f"{p}_s"] for p in phases)
+    search_work = search_cost - sum(timings[f"{p}_compile_s"] for p in phases)
+    return {
+        "policy": space.as_policy(best_idx),
+        "policy_levels": [int(x) for x in best_idx],
+        "mean_sparsity": float(space.mean_sparsity(best_idx)),
+        "measured_sparsity": sparsity_summary(run.config, pruned)["overall"],
+        "uniform_measured_sparsity": sparsity_summary(run.config, uniform)["overall"],
+        "accuracy": accuracy,
+        "obs_calls": obs_calls,
+        "candidates_evaluated": None if res is None else res.evaluated,
+        "best_fitness": None if res is None else res.best_fitness,
+        "timings_s": timings | {"total_s": time.perf_counter() - t_all},
+        "cost_ratio_vs_uniform_prune": search_cost / max(timings["uniform_prune_s"], 1e-9),
+        "cost_ratio_excluding_compile": search_work
+        / max(timings["uniform_prune_s"] - timings["uniform_prune_compile_s"], 1e-9),
+        "settings": dataclasses.asdict(run.settings),
+        "model": run.model_dir or run.settings.model,
+    }
+
+
+def _plots(out_dir: str, result: dict, res, settings) -> None:
+    """fitness.png, policy.png and accuracy.png beside result.json."""
+
+    if res is not None and res.rounds:
+        plots.fitness_over_rounds(
+            [dataclasses.asdict(r) for r in res.rounds],
+            os.path.join(out_dir, "fitness.png"),
+            title=f"search at p0 = {settings.p0:g}",
+        )
+    plots.policy_bars(result["policy"], settings.p0, os.path.join(out_dir, "policy.png"))
+    if result["accuracy"]:
+        plots.accuracy_by_category(
+            result["accuracy"],
+            os.path.join(out_dir, "accuracy.png"),
+            title=f"toy test split, p0 = {settings.p0:g}",
+        )
