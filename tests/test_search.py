@@ -314,3 +314,21 @@ def test_right_padded_proxy_is_refused(tiny_search):
     bad = ProxyData(proxy.text_ids, text_mask, proxy.mm_ids, proxy.mm_mask, proxy.mm_pixels)
     with pytest.raises(ValueError, match="left-padded"):
         FitnessBatches(config, params, bad, settings)
+
+
+@pytest.mark.parametrize("n_in", [576, 200])
+def test_level_database_prunes_widths_that_are_not_a_multiple_of_the_block(n_in):
+    """SmolLM2's 576-wide inputs crashed XLA:CPU's compiler under vmap; every width must work
+    and give, level by level, what a single SparseGPT call gives."""
+    from ellava_jax.prune.database import _prune_levels
+    from ellava_jax.prune.obs import sparsegpt
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((n_in, 64)), jnp.float32)
+    x = rng.standard_normal((256, n_in)).astype(np.float32)
+    hessian = jnp.asarray(2 / 256 * x.T @ x)
+    levels = [0.4, 0.5, 0.6]
+    stack = np.asarray(_prune_levels(kernel, hessian, jnp.asarray(levels, jnp.float32)))
+    for i, s in enumerate(levels):
+        np.testing.assert_array_equal(stack[i], np.asarray(sparsegpt(kernel, hessian, s)[0]))
+        assert abs((stack[i] == 0).mean() - s) < 0.01
