@@ -20,6 +20,7 @@ from ellava_jax.inputs import check_file
 _METADATA_KEYS = frozenset(
     {
         "_name_or_path",
+        "_model_name_or_path",
         "architectures",
         "chunk_size_feed_forward",
         "dtype",
@@ -41,6 +42,7 @@ _METADATA_KEYS = frozenset(
         "pad_token_id",
         "bos_token_id",
         "eos_token_id",
+        "unk_token_id",
         "projection_dim",
         "vocab_size",  # of the vision tower / top level: unused by the computation
         "model_type",
@@ -54,7 +56,22 @@ class ConfigError(UserError):
     """An HF config attribute we do not support, or a malformed config."""
 
 
+# Quantisation methods whose checkpoints are saved dequantised (transformers dequantises GGUF
+# at load, so a model saved after that holds float weights): their quantization_config only
+# records where the weights came from.
+_DEQUANTISED_METHODS = frozenset({"gguf"})
+
+
 def _check_keys(d: dict, handled: set[str], where: str) -> None:
+    qc = d.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method not in _DEQUANTISED_METHODS:
+            raise ConfigError(
+                f"{where}.quantization_config (quant_method={method!r}): quantised weights are "
+                "not supported; dequantise the checkpoint first"
+            )
+    handled = handled | {"quantization_config"}
     unknown = sorted(k for k in d if k not in handled and k not in _METADATA_KEYS)
     if unknown:
         raise ConfigError(

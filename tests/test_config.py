@@ -137,3 +137,21 @@ def test_legacy_rope_theta_and_hub_style_config():
     c = LlavaConfig.from_hf_config(d)
     assert c.text.rope_theta == 10000.0 and c.text.num_key_value_heads == 32
     assert _n_params(c) == 7_063_427_072
+
+
+def test_checkpoint_metadata_passes_and_quantised_weights_are_refused():
+    """A text config as transformers writes it after loading a GGUF (issue 23's first contact):
+    metadata passes; a quantisation that leaves the weights quantised is refused by name."""
+    from ellava_jax.config import TextConfig
+
+    d = get_preset("tiny").to_hf_config()["text_config"]
+    meta = {
+        "_model_name_or_path": "/models/smol",
+        "unk_token_id": 0,
+        "quantization_config": {"quant_method": "gguf"},
+    }
+    assert TextConfig.from_hf_config(d | meta) == TextConfig.from_hf_config(d)
+    with pytest.raises(ConfigError, match=r"quantization_config \(quant_method='gptq'\)"):
+        TextConfig.from_hf_config(d | {"quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ConfigError, match=r"unsupported attribute\(s\) \['sliding_window'\]"):
+        TextConfig.from_hf_config(d | {"sliding_window": 4096})
