@@ -7,6 +7,10 @@ import os
 
 from ellava_jax.outputs import add_overwrite_flag
 
+# OWL's defaults (luuyin/OWL, llm-compressor); ellava_jax.prune.owl holds the same numbers
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+
 NAME = "prune"
 HELP = "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA directory."
 
@@ -26,9 +30,30 @@ def add_arguments(p):
         "--nm", default=None, help="N:M structured sparsity, e.g. 2:4 (overrides --sparsity)"
     )
     p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=["uniform", "owl"],
+        help="uniform: --sparsity (or --policy) as given; owl: per-layer sparsities from each "
+        "layer's share of outlier Wanda scores on the dense model (OWL), with mean --sparsity",
+    )
+    p.add_argument(
+        "--owl-m",
+        type=float,
+        default=None,
+        help=f"OWL: a score is an outlier above M times its layer's mean (default {OWL_M:g})",
+    )
+    p.add_argument(
+        "--owl-lambda",
+        type=float,
+        default=None,
+        help="OWL: the layers' sparsities span 2*lambda around --sparsity "
+        f"(default {OWL_LAMBDA:g})",
+    )
+    p.add_argument(
         "--proxy",
         default=None,
-        help="proxy text (.txt or .jsonl with 'text'); default: the model's own",
+        help="proxy text (.txt or .jsonl with 'text'), or bible (the World English Bible's Old "
+        "Testament; a file named bible: ./bible); default: the model's own",
     )
     p.add_argument("--nsamples", type=int, default=64, help="proxy segments (paper: 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (paper: 256)")
@@ -55,9 +80,11 @@ def run(args) -> int:
         save_masks,
         sparsity_summary,
     )
+    from ellava_jax.prune.owl import owl_from_ratios, owl_outlier_ratios
     from ellava_jax.prune.pipeline import parse_nm, prune_model
 
     nm = parse_nm(args.nm)
+    owl = _owl_settings(args)
     policy = load_policy(args.policy) if args.policy else args.sparsity
     model_dir = resolve_model_dir(args.model)
     out = claim_output(
@@ -69,15 +96,27 @@ def run(args) -> int:
         need_bytes=weight_bytes(model_dir),
     )
     config, params, model_dir = load_model(args.model)
-    sparsities = policy_to_sparsities(config, policy)
     calib = None
-    if args.method != "magnitude":
+    if args.method != "magnitude" or owl is not None:
         calib = build_calibration_set(
             config,
             params,
             prune_calibration(config, model_dir, args.proxy, args.nsamples, args.seqlen, args.seed),
             args.batch_size,
         )
+    if owl is not None:
+        # one dense calibration pass for the input norms, then the layers' sparsities
+        owl["outlier_ratios"] = owl_outlier_ratios(
+            config, params, calib, owl["m"], batch_size=args.batch_size
+        )
+        owl["layer_sparsities"] = policy = owl_from_ratios(
+            owl["outlier_ratios"], owl["p0"], owl["lambda"]
+        )
+        print(
+            f"OWL layer sparsities (mean {owl['p0']:g}, M {owl['m']:g}, lambda "
+            f"{owl['lambda']:g}): " + " ".join(f"{s:.4f}" for s in policy)
+        )
+    sparsities = policy_to_sparsities(config, policy)
     pruned, stats = prune_model(
         config, params, sparsities, args.method, calib, nm=nm, batch_size=args.batch_size
     )
@@ -89,6 +128,7 @@ def run(args) -> int:
         report = {
             "model": model_dir or args.model,
             "method": args.method,
+            "allocation": args.allocation,
             "nm": args.nm,
             "requested_mean_sparsity": None if nm != (0, 0) else mean_sparsity(config, sparsities),
             "sparsity": summary,
@@ -96,6 +136,8 @@ def run(args) -> int:
             "seconds": stats.seconds,
             "calibration_samples": None if calib is None else calib.n_samples,
         }
+        if owl is not None:
+            report["owl"] = owl | {"measured_mean_sparsity": summary["overall"]}
         with open(os.path.join(tmp, "sparsity.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(format_summary(summary))
@@ -108,3 +150,30 @@ def run(args) -> int:
             )
         )
     return 0
+
+
+def _owl_settings(args) -> dict | None:
+    """OWL's settings from the flags (None for --allocation uniform); refuses combinations
+    that do not go together, before anything is written."""
+    from ellava_jax.errors import UserError
+
+    given = [
+        f for f, v in (("--owl-m", args.owl_m), ("--owl-lambda", args.owl_lambda)) if v is not None
+    ]
+    if args.allocation != "owl":
+        if given:
+            raise UserError(f"{' and '.join(given)} apply only with --allocation owl")
+        return None
+    if args.policy:
+        raise UserError("--allocation owl chooses the layers' sparsities itself; drop --policy")
+    if args.nm:
+        raise UserError("--allocation owl needs unstructured sparsity (--sparsity); drop --nm")
+    m = OWL_M if args.owl_m is None else args.owl_m
+    lam = OWL_LAMBDA if args.owl_lambda is None else args.owl_lambda
+    if not m > 0:
+        raise UserError(f"--owl-m {m:g}: expected a number > 0")
+    if not 0 <= lam < 0.5:
+        raise UserError(f"--owl-lambda {lam:g}: expected a number in [0, 0.5)")
+    if not 0 <= args.sparsity < 1:
+        raise UserError(f"--sparsity {args.sparsity:g}: expected a number in [0, 1)")
+    return {"p0": args.sparsity, "m": m, "lambda": lam}
