@@ -234,3 +234,23 @@ def test_prune_cli_owl_refusals(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_search_owl_ablation_is_the_owl_row(tmp_path, capsys):
+    """`ellava search --ablation owl`: no search; OWL's continuous layer sparsities (mean p0,
+    spread 2 lambda) on the search's own calibration data, pruned by SparseGPT."""
+    import json
+
+    from ellava_jax.cli import main
+
+    out = tmp_path / "owl"
+    argv = ["search", "--config", "configs/tiny.yaml", "--ablation", "owl", "--out", str(out)]
+    assert main([*argv, "--no-eval"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    policy = res["policy"]
+    assert res["settings"]["baseline"] == "owl" and res["policy_levels"] is None
+    assert res["obs_calls"]["database"] == 0
+    assert abs(sum(policy) / len(policy) - 0.5) < 1e-6  # tiny: every layer the same size
+    assert abs(max(policy) - min(policy) - 2 * 0.08) < 1e-6
+    assert abs(res["measured_sparsity"] - res["mean_sparsity"]) < 0.005
+    assert "OWL layer sparsities" in capsys.readouterr().out

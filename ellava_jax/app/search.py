@@ -32,7 +32,14 @@ from ellava_jax.app.sources import search_proxy
 from ellava_jax.outputs import atomic_file, read_marker, write_marker
 from ellava_jax.prune.database import build_database
 from ellava_jax.prune.hessian import build_calibration_set
-from ellava_jax.prune.masks import masks_from_params, save_masks, sparsity_summary
+from ellava_jax.prune.masks import (
+    masks_from_params,
+    mean_sparsity,
+    policy_to_sparsities,
+    save_masks,
+    sparsity_summary,
+)
+from ellava_jax.prune.owl import owl_layer_sparsities
 from ellava_jax.prune.pipeline import prune_model
 from ellava_jax.report import plots
 from ellava_jax.search.evolve import evolve
@@ -110,12 +117,15 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
             res = _evolve(run, db, checkpoints, resume_point, stop_after_round)
             del db
             best_idx, projector = res.best_idx, res.projector
-        else:  # the uniform ablation: no search
+        elif settings.baseline == "owl":  # no search: OWL's continuous layer sparsities
+            best_idx, projector = None, run.params["multi_modal_projector"]
+        else:  # no search: uniform SparseGPT at p0
             best_idx, projector = run.space.uniform(), run.params["multi_modal_projector"]
     finally:
         if checkpoints is not None:
             checkpoints.close()
-    pruned, final_calls = _final_prune(run, best_idx, projector)
+    policy, sparsities = _policy(run, best_idx)
+    pruned, final_calls = _final_prune(run, sparsities, projector)
     uniform, uniform_calls = _uniform_prune(run)
     _write_models(run, pruned, uniform, projector)
     accuracy = None
@@ -131,7 +141,9 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
         "search_total": db_calls + final_calls,
         "uniform_baseline": uniform_calls,
     }
-    result = _result(run, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all)
+    result = _result(
+        run, policy, sparsities, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all
+    )
     with atomic_file(os.path.join(out_dir, resume.RESULT_FILE)) as f:
         json.dump(result, f, indent=1)
     _plots(out_dir, result, res, settings)
@@ -250,7 +262,27 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     return res
 
 
-def _final_prune(run: _Run, best_idx, projector):
+def _policy(run: _Run, best_idx):
+    """(policy as result.json writes it, per-matrix sparsities) of the winner, or of OWL's layer
+    sparsities when there is no winner (`baseline: owl`)."""
+    if best_idx is not None:
+        return run.space.as_policy(best_idx), run.space.per_matrix(best_idx)
+    s = run.settings
+    owl = owl_layer_sparsities(
+        run.config,
+        run.params,
+        run.calib,
+        s.p0,
+        s.owl_m,
+        s.owl_lambda,
+        batch_size=s.calib_batch_size,
+        progress=run.progress,
+    )
+    run.say("OWL layer sparsities: " + " ".join(f"{x:.4f}" for x in owl))
+    return owl, policy_to_sparsities(run.config, owl)
+
+
+def _final_prune(run: _Run, sparsities, projector):
     """Sequential SparseGPT with the winning policy and the evolved projector."""
     s = run.settings
     with run.clock("final_prune"):
@@ -261,7 +293,7 @@ def _final_prune(run: _Run, best_idx, projector):
         pruned, stats = prune_model(
             run.config,
             final_params,
-            run.space.per_matrix(best_idx),
+            sparsities,
             "sparsegpt",
             final_calib,
             batch_size=s.calib_batch_size,
@@ -298,7 +330,9 @@ def _write_models(run: _Run, pruned, uniform, projector) -> None:
     save_masks(os.path.join(d, "masks.npz"), masks_from_params(config, pruned))
 
 
-def _result(run: _Run, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all) -> dict:
+def _result(
+    run: _Run, policy, sparsities, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all
+) -> dict:
     """result.json: the policy, sparsities, accuracy, OBS calls, timings and cost ratios."""
     space, clock = run.space, run.clock
     timings = clock.seconds()
@@ -306,9 +340,13 @@ def _result(run: _Run, best_idx, res, pruned, uniform, accuracy, obs_calls, t_al
     search_cost = sum(timings[f"{p}_s"] for p in phases)
     search_work = search_cost - sum(timings[f"{p}_compile_s"] for p in phases)
     return {
-        "policy": space.as_policy(best_idx),
-        "policy_levels": [int(x) for x in best_idx],
-        "mean_sparsity": float(space.mean_sparsity(best_idx)),
+        "policy": policy,
+        "policy_levels": None if best_idx is None else [int(x) for x in best_idx],
+        "mean_sparsity": float(
+            mean_sparsity(run.config, sparsities)
+            if best_idx is None
+            else space.mean_sparsity(best_idx)
+        ),
         "measured_sparsity": sparsity_summary(run.config, pruned)["overall"],
         "uniform_measured_sparsity": sparsity_summary(run.config, uniform)["overall"],
         "accuracy": accuracy,

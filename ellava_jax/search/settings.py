@@ -100,7 +100,15 @@ class SearchSettings:
     # evolution
     strategy: str = setting("ga", "evolution strategy (evosax)", choices=("ga", "cmaes"))
     population: int = setting(16, "candidates per round", ge=2)
-    rounds: int = setting(10, "search rounds (0: uniform SparseGPT at p0, no search)", ge=0)
+    rounds: int = setting(10, "search rounds (0: no search, the `baseline` row alone)", ge=0)
+    baseline: str = setting(
+        "uniform",
+        "what rounds 0 prunes with: uniform (SparseGPT at p0) or owl (OWL's continuous layer "
+        "sparsities, mean p0, then SparseGPT)",
+        choices=("uniform", "owl"),
+    )
+    owl_m: float = setting(5.0, "OWL: outliers are Wanda scores above M x their layer mean", gt=0)
+    owl_lambda: float = setting(0.08, "OWL: layer sparsities spread over 2 x lambda", ge=0, lt=0.5)
     top_k: int = setting(
         8, "candidates kept per round (GA elites) and used to train the projector", ge=1
     )
@@ -129,7 +137,10 @@ class SearchSettings:
     )
     # proxy data (paper: 64 segments x 256 tokens of PTB)
     proxy_text: str | None = setting(
-        None, "local text / jsonl file; null: the model's own (toy, tiny)", path=True
+        None,
+        "local text / jsonl file, or bible (a named source, not a path: the World English "
+        "Bible's Old Testament; a file named bible is ./bible); null: the model's own (toy, tiny)",
+        path=True,
     )
     proxy_segments: int = setting(64, "proxy text segments", ge=1)
     proxy_seq_len: int = setting(256, "tokens per proxy segment", ge=2)
@@ -189,6 +200,7 @@ ABLATIONS: dict[str, dict] = {
     "no_evo": {"projector_steps": 0},
     "evo_wo_ub": {"weighting": "uniform"},
     "uniform": {"rounds": 0},  # no search: uniform SparseGPT at p0
+    "owl": {"rounds": 0, "baseline": "owl"},  # no search: OWL's layer sparsities, SparseGPT
 }
 
 
