@@ -5,17 +5,21 @@
   (`ellava_jax.toy.defaults`), unless the user names files.
 - any other model: the files the user names (`--proxy`, `proxy_text`, `proxy_multimodal`,
   `--calibration`, `--data` / `eval_data`).
+- any model with a tokenizer: the Bible (`--proxy bible`, `proxy_text: bible`: Old Testament
+  segments; `ellava eval --heldout bible`: New Testament windows), `ellava_jax/data/bible.py`.
 
 The library takes what this module hands it; it never imports the toy.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.data import bible
 from ellava_jax.data import prompt as T
 from ellava_jax.errors import UserError
 from ellava_jax.eval import harness
@@ -68,10 +72,26 @@ def proxy_data(
         return ProxyData(ids, mask, *images)
     if not text_file:
         raise UserError(
-            f"{model_dir}: set {text_flag} (a local text file such as PTB) to calibrate this model"
+            f"{model_dir}: set {text_flag} (a local text file such as PTB, or {bible.NAME}) to "
+            "calibrate this model"
+        )
+    text_segments = None
+    if text_file == bible.NAME:  # the Old Testament, tokenised with the model's tokenizer
+        bible.data_files()  # not installed: one line, before the tokenizer loads
+        text_segments = functools.partial(
+            bible.proxy_segments, n=n_text, seq_len=seq_len, seed=seed
         )
     return file_proxy(
-        config, model_dir, text_file, n_text, seq_len, seed, mm_file, n_mm, image_root
+        config,
+        model_dir,
+        text_file,
+        n_text,
+        seq_len,
+        seed,
+        mm_file,
+        n_mm,
+        image_root,
+        text_segments=text_segments,
     )
 
 
@@ -156,6 +176,37 @@ def eval_records(data: str | None, limit: int | None = None, image_root: str | N
     if data in (None, "toy", "toy-test"):
         return toy.test_records(limit), None
     return harness.load_eval_records(data, limit, image_root)
+
+
+def heldout_windows(config: LlavaConfig, model_dir: str, heldout: str, seq_len: int):
+    """(ids, mask, info) of held-out text for `ellava eval --heldout`, tokenised with the model's
+    tokenizer: `bible`, the fixed New Testament windows (`data/bible.heldout_windows`: 128 x 256
+    tokens at seq_len 256), or a text / jsonl file, every whole window of seq_len from its start.
+    `info` names the source and counts windows and tokens."""
+    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
+
+    from ellava_jax.data.segments import read_proxy_text
+
+    context = config.text.max_position_embeddings
+    if not 2 <= seq_len <= context:
+        raise UserError(f"--seq-len={seq_len}: must be in [2, {context}] (the model's context)")
+    if heldout == bible.NAME:
+        bible.data_files()  # not installed: one line, before the tokenizer loads
+        ids, mask = bible.heldout_windows(AutoTokenizer.from_pretrained(model_dir), seq_len)
+        info = {"source": bible.NAME, "books": list(bible.DEFAULT_HELDOUT_BOOKS)}
+    else:
+        text = read_proxy_text(heldout)
+        stream = bible.encode(AutoTokenizer.from_pretrained(model_dir), text)
+        if stream.size < seq_len:
+            raise UserError(
+                f"{heldout}: {stream.size} tokens, fewer than one window of --seq-len {seq_len}"
+            )
+        ids, mask = bible.consecutive_windows(stream, seq_len)
+        info = {"source": heldout}
+    n = len(ids)
+    info |= {"windows": n, "seq_len": seq_len, "tokens": n * seq_len}
+    info["predicted_tokens"] = n * (seq_len - 1)  # what the perplexity averages over
+    return ids, mask, info
 
 
 def toy_perplexity(config: LlavaConfig, params, tok) -> float:

@@ -1,4 +1,5 @@
-"""`ellava eval`: multiple-choice accuracy (overall and per category) and proxy perplexity."""
+"""`ellava eval`: multiple-choice accuracy (overall and per category), proxy perplexity and
+held-out perplexity (`--heldout bible|FILE`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def add_arguments(p):
     p.add_argument(
         "--data",
         default=None,
-        help="jsonl records (question, choices, answer, category, image?, context?); default: the toy's test split",
+        help="jsonl records (question, choices, answer, category, image?, context?); default: "
+        "the toy's test split; none: no multiple-choice part (perplexity only, e.g. a model "
+        "without images; needs --heldout or --proxy)",
     )
     p.add_argument(
         "--image-root",
@@ -29,6 +32,19 @@ def add_arguments(p):
         "--proxy", default=None, help="proxy text for perplexity (default: the toy's own)"
     )
     p.add_argument(
+        "--heldout",
+        default=None,
+        help="held-out text for perplexity: bible (128 fixed windows of 256 tokens, 32,768 in "
+        "all, from Matthew and Mark: New Testament, never in the bible proxy) or a text / jsonl "
+        "file (every whole --seq-len window from its start; a file named bible: ./bible)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=256,
+        help="tokens per --heldout window (bible: ceil(32768 / seq-len) windows)",
+    )
+    p.add_argument(
         "--token-recipe",
         default=None,
         help="FitPrune recipe JSON: prune visual tokens during prefill",
@@ -40,6 +56,8 @@ def run(args) -> int:
     # imported here, not at the top: `ellava --help` imports every command module
     from ellava_jax.app import sources
     from ellava_jax.app.models import TOY_NAME, load_model, resolve_model_dir
+    from ellava_jax.config import LlavaConfig
+    from ellava_jax.data import bible
     from ellava_jax.data import prompt as T
     from ellava_jax.errors import UserError
     from ellava_jax.eval import harness
@@ -51,13 +69,31 @@ def run(args) -> int:
         raise UserError(f"--batch-size={args.batch_size}: must be at least 1")
     if args.image_root is not None:
         check_dir(args.image_root, "image root directory")
-    for flag, path in (("--proxy", args.proxy), ("--token-recipe", args.token_recipe)):
+    no_choices = args.data == "none"
+    if no_choices and not (args.heldout or args.proxy):
+        raise UserError("--data none: nothing left to evaluate; add --heldout or --proxy")
+    if no_choices and args.token_recipe:
+        raise UserError("--token-recipe prunes visual tokens of --data's prompts; not with none")
+    heldout_file = args.heldout if args.heldout != bible.NAME else None
+    for flag, path in (
+        ("--proxy", args.proxy),
+        ("--heldout", heldout_file),
+        ("--token-recipe", args.token_recipe),
+    ):
         if path is not None:
             check_file(path, f"{flag} file")
-    if resolve_model_dir(args.model) is None:
+    model_dir = resolve_model_dir(args.model)
+    if model_dir is None:
         raise UserError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
-    # the data is checked whole (records, image paths) before the model is loaded
-    records, path = sources.eval_records(args.data, args.limit, args.image_root)
+    # the data is checked whole (records, image paths, held-out text) before the model is loaded
+    records, path = (
+        (None, None) if no_choices else sources.eval_records(args.data, args.limit, args.image_root)
+    )
+    heldout = None
+    if args.heldout:
+        heldout = sources.heldout_windows(
+            LlavaConfig.from_hf_config(model_dir), model_dir, args.heldout, args.seq_len
+        )
     config, params, model_dir = load_model(args.model)
     tok = T.load_tokenizer(model_dir)
     logits_fn = None
@@ -66,22 +102,27 @@ def run(args) -> int:
 
         recipe = load_recipe(args.token_recipe, config)
         logits_fn = recipe_last_logits(recipe)
-    res = harness.evaluate_records(
-        config,
-        params,
-        tok,
-        records,
-        jsonl_path=path,
-        model_dir=model_dir,
-        scoring=args.scoring,
-        batch_size=args.batch_size,
-        logits_fn=logits_fn,
-        image_root=args.image_root,
+    res = (
+        {}
+        if no_choices
+        else harness.evaluate_records(
+            config,
+            params,
+            tok,
+            records,
+            jsonl_path=path,
+            model_dir=model_dir,
+            scoring=args.scoring,
+            batch_size=args.batch_size,
+            logits_fn=logits_fn,
+            image_root=args.image_root,
+        )
     )
     res["model"] = model_dir
-    res["decoder_prefill_flops"] = _prefill_flops(
-        config, params, tok, records, recipe.keep if args.token_recipe else None
-    )
+    if not no_choices:
+        res["decoder_prefill_flops"] = _prefill_flops(
+            config, params, tok, records, recipe.keep if args.token_recipe else None
+        )
     if args.proxy:
         from transformers import AutoTokenizer
 
@@ -91,10 +132,14 @@ def run(args) -> int:
         res["proxy_perplexity"] = harness.perplexity(config, params, ids, mask)
     elif args.model == TOY_NAME or args.data is None:
         res["proxy_perplexity"] = sources.toy_perplexity(config, params, tok)
-    print(f"accuracy {res['accuracy']:.4f} on {res['n']} questions ({res['scoring']})")
-    for cat, acc in res["per_category"].items():
-        print(f"  {cat:>10}: {acc:.4f} (n={res['per_category_n'][cat]})")
-    f = res["decoder_prefill_flops"]
+    if heldout is not None:
+        ids, mask, info = heldout
+        res["heldout"] = {**info, "perplexity": harness.perplexity(config, params, ids, mask)}
+    if not no_choices:
+        print(f"accuracy {res['accuracy']:.4f} on {res['n']} questions ({res['scoring']})")
+        for cat, acc in res["per_category"].items():
+            print(f"  {cat:>10}: {acc:.4f} (n={res['per_category_n'][cat]})")
+    f = res.get("decoder_prefill_flops")
     if f is not None:
         print(
             f"decoder prefill FLOPs per image prompt ({f['text_tokens']} text tokens): "
@@ -103,6 +148,14 @@ def run(args) -> int:
         )
     if "proxy_perplexity" in res:
         print(f"proxy perplexity {res['proxy_perplexity']:.3f}")
+    if heldout is not None:
+        h = res["heldout"]
+        books = f" ({', '.join(h['books'])})" if "books" in h else ""
+        print(
+            f"held-out perplexity {h['perplexity']:.3f} on {h['source']}{books}: "
+            f"{h['windows']} windows x {h['seq_len']} tokens ({h['tokens']} tokens, "
+            f"{h['predicted_tokens']} predicted)"
+        )
     if args.json:
         print(json.dumps(res))
     return 0

@@ -86,16 +86,23 @@ def file_proxy(
     mm_file: str | None = None,
     n_mm: int = 0,
     image_root: str | None = None,
+    text_segments=None,
 ) -> ProxyData:
     """Text segments from `text_file` (text or jsonl, e.g. PTB); image + text samples from
-    `mm_file` (jsonl rows with `image` and `text`), tokenised with the model's own tokenizer."""
+    `mm_file` (jsonl rows with `image` and `text`), tokenised with the model's own tokenizer.
+    `text_segments(tokenizer) -> (ids, mask)` draws the text segments instead of `text_file`
+    (a named source such as the Bible)."""
     from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
 
-    read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
+    if text_segments is None:
+        read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
     if mm_file:
         check_file(mm_file, "multimodal jsonl file")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
+    if text_segments is None:
+        ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
+    else:
+        ids, mask = text_segments(tok)
     v = config.vision
     if not mm_file:
         return ProxyData(
