@@ -6,11 +6,14 @@
   (relative, symbolic links resolved), or inside an image root the user names (`--image-root`).
 - `read_image`: an image file as uint8 [H, W, 3]; a file that is not an image names the file
   and the jsonl line.
+- `jsonl_objects`: the JSON objects of a jsonl file, each with its line; bad JSON, a value that
+  is not an object and text that is not UTF-8 name the file and the line.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -149,3 +152,26 @@ def check_image_header(path: str | os.PathLike, where: str) -> None:
         ) from None
     except Image.DecompressionBombError as e:
         raise UserError(f"{where}: image {os.fspath(path)}: {e}") from None
+
+
+def jsonl_objects(path: str | os.PathLike, what: str = "jsonl file", error=UserError):
+    """Yields (line number, where, object) for every non-blank line of a jsonl file.
+
+    `where` is "FILE:LINE" for messages; problems raise `error` (a UserError class) naming it.
+    """
+    path = check_file(path, what)
+    with open(path, encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                yield n, where, obj
+        except UnicodeDecodeError as e:
+            raise error(f"{path}: not UTF-8 text ({e.reason})") from None

@@ -16,7 +16,7 @@ from PIL import Image
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data.records import load_image
 from ellava_jax.errors import UserError
-from ellava_jax.inputs import check_file, check_image_header, confined_image
+from ellava_jax.inputs import check_image_header, confined_image, jsonl_objects
 
 # CLIP's normalisation (openai/clip-vit-*), LLaVA-1.5's image processor defaults
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,27 +87,16 @@ def read_multimodal_jsonl(
     when given (`inputs.confined_image`); every image must exist and be an image file. A file
     without rows is an error.
     """
-    check_file(path, "multimodal jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("image", "text"):
-                if not isinstance(obj.get(k), str):
-                    raise UserError(f"{where}: missing string field {k!r}")
-            image = confined_image(obj["image"], path, where, image_root)
-            check_image_header(image, where)
-            rows.append({**obj, "image": str(image), "line": n})
+    for n, where, obj in jsonl_objects(path, "multimodal jsonl file"):
+        if limit is not None and len(rows) >= limit:
+            break
+        for k in ("image", "text"):
+            if not isinstance(obj.get(k), str):
+                raise UserError(f"{where}: missing string field {k!r}")
+        image = confined_image(obj["image"], path, where, image_root)
+        check_image_header(image, where)
+        rows.append({**obj, "image": str(image), "line": n})
     if not rows:
         raise UserError(f"{path}: no records (expected jsonl rows with 'image' and 'text')")
     return rows

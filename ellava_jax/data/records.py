@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ellava_jax.errors import UserError
-from ellava_jax.inputs import check_file, read_image
+from ellava_jax.inputs import jsonl_objects, read_image
 
 MIN_CHOICES, MAX_CHOICES = 2, 5
 LETTERS = "ABCDE"
@@ -125,23 +125,11 @@ def load_records(path: str | Path) -> list[Record]:
         RecordError: on the first bad line, naming the file, the line number (1-based) and key.
     """
 
-    path = Path(check_file(path, "jsonl file"))
     out = []
-    with path.open(encoding="utf-8") as f:
-        try:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{i}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-                rec = validate(obj, where)
-                rec.line = i
-                out.append(rec)
-        except UnicodeDecodeError as e:
-            raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for n, where, obj in jsonl_objects(path, "jsonl file", RecordError):
+        rec = validate(obj, where)
+        rec.line = n
+        out.append(rec)
     return out
 
 

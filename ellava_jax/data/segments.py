@@ -6,12 +6,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ellava_jax.errors import UserError
-from ellava_jax.inputs import check_file
+from ellava_jax.inputs import check_file, jsonl_objects
 
 
 def read_proxy_text(path: str) -> str:
@@ -26,17 +24,10 @@ def read_proxy_text(path: str) -> str:
 def _read_proxy_text(path: str) -> str:
     if path.endswith((".jsonl", ".json")):
         parts = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"{path}:{n}: expected an object with a string 'text' field")
-                parts.append(obj["text"])
+        for _, where, obj in jsonl_objects(path, "proxy file"):
+            if not isinstance(obj.get("text"), str):
+                raise UserError(f"{where}: expected an object with a string 'text' field")
+            parts.append(obj["text"])
         return "\n".join(parts)
     try:
         with open(path, encoding="utf-8") as f:
