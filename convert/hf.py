@@ -1,4 +1,4 @@
-"""HF LLaVA directory (config.json + safetensors) <-> (LlavaConfig, Flax params). No torch.
+"""HF LLaVA or LLaMA directory (config.json + safetensors) <-> (LlavaConfig, Flax params). No torch.
 
 The converter is a pure mapping between flat HF state-dict keys and paths in the parameter
 tree (docs/architecture.md), plus one transform per leaf kind. It is the only place in the
@@ -10,6 +10,10 @@ Key layouts read: the hub's (`language_model.model.*`, `language_model.lm_head.*
 in-memory one of transformers 5 (`model.language_model.*`, `model.vision_tower.*`,
 `model.multi_modal_projector.*`, `lm_head.*`), and a vision tower with or without its
 `vision_model.` level. Written: the hub layout, which every transformers version loads.
+
+A plain LLaMA causal LM (`model_type: llama`, `LlamaForCausalLM`; the text-only `LlavaConfig`)
+is read and written in its own layout: `model.embed_tokens.weight`, `model.layers.N.*`,
+`model.norm.weight`, `lm_head.weight` (absent when tied), with the same checks.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ class CheckpointError(UserError):
     """A checkpoint that does not match its config: names the file and the key."""
 
 
-def _canonical_key(key: str) -> str:
-    """Any accepted layout -> the hub layout."""
+def _canonical_key(key: str, text_only: bool = False) -> str:
+    """Any accepted layout -> the hub layout (a LLaMA's keys are already canonical)."""
+    if text_only:
+        return key
     for new, old in (
         ("model.language_model.", "language_model.model."),
         ("model.vision_tower.", "vision_tower."),
@@ -72,10 +78,14 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def _hf_key(path: tuple[str, ...]) -> str:
-    """Parameter-tree path -> hub-layout key."""
+def _hf_key(path: tuple[str, ...], text_only: bool = False) -> str:
+    """Parameter-tree path -> hub-layout key (or LlamaForCausalLM key, `text_only`)."""
     *mods, leaf = path
     name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    if text_only:
+        if mods[0] == "language_model":
+            mods = ["model", *mods[1:]]
+        return ".".join([*mods, name])
     if mods[0] == "lm_head":
         return "language_model.lm_head." + name
     if mods[0] == "language_model":
@@ -116,9 +126,15 @@ def _set(tree: dict, path, value) -> None:
 
 
 def key_map(config: LlavaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Hub-layout key -> (parameter path, HF shape), for every parameter of `config`."""
+    """HF key (hub layout; LlamaForCausalLM's for a text-only config) -> (parameter path,
+    HF shape), for every parameter of `config`."""
     shapes = param_shapes(config)
-    return {_hf_key(p): (p, _hf_shape(p, s.shape)) for p, s in _flatten(shapes)}
+    t = config.is_text_only
+    return {_hf_key(p, t): (p, _hf_shape(p, s.shape)) for p, s in _flatten(shapes)}
+
+
+def _head_key(config: LlavaConfig) -> str:
+    return "lm_head.weight" if config.is_text_only else "language_model.lm_head.weight"
 
 
 def _weight_files(path: str) -> list[str]:
@@ -157,7 +173,8 @@ def _check_values(fpath: str, key: str, x) -> None:
 
 
 def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dict]:
-    """Reads a local HF LLaVA directory.
+    """Reads a local HF LLaVA directory, or a LLaMA causal LM's (`LlamaForCausalLM`: the
+    text-only config, whose params have no vision tower and no projector).
 
     Args:
       path: directory with `config.json` and `model.safetensors` or a sharded index.
@@ -185,18 +202,19 @@ def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dic
             for k in handles[fname].keys():
                 if k.endswith(_IGNORED_SUFFIXES):
                     continue
-                ck = _canonical_key(k)
-                if ck == "language_model.lm_head.weight" and config.tie_word_embeddings:
+                ck = _canonical_key(k, config.is_text_only)
+                if ck == _head_key(config) and config.tie_word_embeddings:
                     continue  # tied: the head is the embedding
                 if ck in found:
                     raise CheckpointError(f"{fpath}: key {k!r} also in {found[ck][0]}")
                 found[ck] = (fname, k)
         extra = sorted(set(found) - set(expected))
+        kind = "LLaMA causal LM" if config.is_text_only else "LLaVA"
         if extra:
             f, k = found[extra[0]]
             raise CheckpointError(
-                f"{os.path.join(path, f)}: unexpected tensor {k!r} (not in a LLaVA of this config; "
-                f"{len(extra)} unexpected in all)"
+                f"{os.path.join(path, f)}: unexpected tensor {k!r} (not in a {kind} of this "
+                f"config; {len(extra)} unexpected in all)"
             )
         missing = sorted(set(expected) - set(found))
         if missing:
@@ -232,7 +250,8 @@ def save_hf_llava(
     max_shard_bytes: int | None = None,
     command: str | None = None,
 ) -> None:
-    """Writes an HF LLaVA directory that `LlavaForConditionalGeneration.from_pretrained` loads.
+    """Writes an HF LLaVA directory that `LlavaForConditionalGeneration.from_pretrained` loads
+    (for a text-only config: a LLaMA directory that `LlamaForCausalLM.from_pretrained` loads).
 
     The directory is written beside `path` under a temporary name and renamed into place, so a
     failure never leaves a half-written `path` (an existing one is replaced only at the end).
@@ -260,8 +279,9 @@ def _hf_tensors(config: LlavaConfig, params: dict) -> dict:
     """Hub-layout key -> HF-shaped tensor; an error when params and config disagree."""
     expected = key_map(config)
     flat = dict(_flatten(params))
-    missing = sorted(_hf_key(p) for p in {v[0] for v in expected.values()} - set(flat))
-    extra = sorted(_hf_key(p) for p in set(flat) - {v[0] for v in expected.values()})
+    paths, t = {v[0] for v in expected.values()}, config.is_text_only
+    missing = sorted(_hf_key(p, t) for p in paths - set(flat))
+    extra = sorted(_hf_key(p, t) for p in set(flat) - paths)
     if missing or extra:
         raise CheckpointError(
             f"params do not match the config: missing {missing[:3]}, extra {extra[:3]}"

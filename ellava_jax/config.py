@@ -170,13 +170,16 @@ class TextConfig:
             )
 
     @classmethod
-    def from_hf_config(cls, d: dict) -> TextConfig:
-        where = "text_config"
+    def from_hf_config(cls, d: dict, where: str = "text_config") -> TextConfig:
+        """From an HF `LlamaConfig` dict; `where` names it in errors (a LLaVA's `text_config`,
+        or the `config.json` of a plain LLaMA causal LM)."""
         mt = d.get("model_type", "llama")
         if mt != "llama":
             raise ConfigError(
                 f"{where}.model_type={mt!r}: only LLaMA language models are supported"
             )
+        # a LLaVA's "text_config.rope_parameters ...", a LLaMA's "config.json: rope_parameters ..."
+        pre = f"{where}." if where == "text_config" else f"{where}: "
         handled = {f.name for f in dataclasses.fields(cls)} | {
             "rope_parameters",
             "rope_scaling",
@@ -187,10 +190,10 @@ class TextConfig:
         _check_keys(d, handled, where)
         for k in ("attention_bias", "mlp_bias"):
             if d.get(k):
-                raise ConfigError(f"{where}.{k}=True is not supported (LLaMA linears have no bias)")
+                raise ConfigError(f"{pre}{k}=True is not supported (LLaMA linears have no bias)")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(
-                f"{where}.pretraining_tp={d['pretraining_tp']} is not supported (only 1)"
+                f"{pre}pretraining_tp={d['pretraining_tp']} is not supported (only 1)"
             )
         theta = d.get("rope_theta", 10000.0)
         for key in ("rope_parameters", "rope_scaling"):
@@ -200,18 +203,18 @@ class TextConfig:
             rtype = rp.get("rope_type", rp.get("type", "default"))
             if rtype != "default":
                 raise ConfigError(
-                    f"{where}.{key} rope_type={rtype!r} is not supported (only 'default')"
+                    f"{pre}{key} rope_type={rtype!r} is not supported (only 'default')"
                 )
             extra = sorted(set(rp) - {"rope_type", "type", "rope_theta"})
             if extra:
-                raise ConfigError(f"{where}.{key}: unsupported entries {extra}")
+                raise ConfigError(f"{pre}{key}: unsupported entries {extra}")
             theta = rp.get("rope_theta", theta)
         n_heads = d.get("num_attention_heads", cls.num_attention_heads)
         hidden = d.get("hidden_size", cls.hidden_size)
         eos = d.get("eos_token_id", 2)
         if isinstance(eos, list):
             if len(eos) != 1:
-                raise ConfigError(f"{where}.eos_token_id={eos}: only one eos token is supported")
+                raise ConfigError(f"{pre}eos_token_id={eos}: only one eos token is supported")
             eos = eos[0]
         kw = {k: d[k] for k in {f.name for f in dataclasses.fields(cls)} if k in d}
         kw.update(
@@ -238,11 +241,17 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class LlavaConfig:
-    """LLaVA-1.5: CLIP tower, Linear-GELU-Linear projector, LLaMA decoder (HF `LlavaConfig`)."""
+    """LLaVA-1.5: CLIP tower, Linear-GELU-Linear projector, LLaMA decoder (HF `LlavaConfig`).
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    With `vision=None` it is the text-only form: a plain LLaMA causal LM (HF `LlamaForCausalLM`,
+    `LlavaConfig.text_only(text)`), no vision tower, no projector, no image token
+    (`image_token_index` None, `image_seq_length` and `num_image_tokens` 0); the vision fields
+    keep their defaults and mean nothing.
+    """
+
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    image_token_index: int = 32000
+    image_token_index: int | None = 32000
     image_seq_length: int = 576
     projector_hidden_act: str = "gelu"
     vision_feature_select_strategy: str = "default"
@@ -253,6 +262,13 @@ class LlavaConfig:
     _PROJ_ACTS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "relu", "silu")
 
     def __post_init__(self):
+        if self.vision is None:
+            # no image token exists: the image fields say so whatever the caller passed
+            object.__setattr__(self, "image_token_index", None)
+            object.__setattr__(self, "image_seq_length", 0)
+            return
+        if self.image_token_index is None:
+            raise ConfigError("image_token_index=None: a LLaVA needs an image token")
         if self.vision_feature_select_strategy not in self._STRATEGIES:
             raise ConfigError(
                 f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} is not "
@@ -270,14 +286,29 @@ class LlavaConfig:
                     f"(hidden states are indexed {-(n + 1)}..{n})"
                 )
 
+    @classmethod
+    def text_only(cls, text: TextConfig) -> LlavaConfig:
+        """The text-only form: a plain LLaMA causal LM (HF `LlamaForCausalLM`)."""
+        return cls(vision=None, text=text)
+
+    @property
+    def is_text_only(self) -> bool:
+        """A plain LLaMA causal LM: no vision tower, no projector, no image token."""
+        return self.vision is None
+
     @property
     def feature_layers(self) -> tuple[int, ...]:
+        """Vision hidden states the projector reads (none for a text-only model)."""
+        if self.vision is None:
+            return ()
         v = self.vision_feature_layer
         return (v,) if isinstance(v, int) else tuple(v)
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image that the projector hands to the decoder."""
+        """Visual tokens per image that the projector hands to the decoder (0: text-only)."""
+        if self.vision is None:
+            return 0
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     @property
@@ -289,7 +320,9 @@ class LlavaConfig:
 
     @classmethod
     def from_hf_config(cls, d: dict | str | os.PathLike) -> LlavaConfig:
-        """Builds a config from an HF LLaVA `config.json` (a dict, a file, or its directory)."""
+        """Builds a config from an HF `config.json` (a dict, a file, or its directory): a LLaVA
+        (`model_type: llava`), or a plain LLaMA causal LM (`model_type: llama` with
+        `architectures: ["LlamaForCausalLM"]`), which gives the text-only form."""
         src = "config.json"
         if not isinstance(d, dict):
             path = os.fspath(d)
@@ -305,6 +338,8 @@ class LlavaConfig:
             if not isinstance(d, dict):
                 raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
+        if mt == "llama":
+            return cls._from_hf_llama(d, src)
         if mt != "llava":
             raise ConfigError(f"{src}: model_type={mt!r}, expected 'llava' (not a LLaVA config)")
         for k in ("vision_config", "text_config"):
@@ -346,7 +381,26 @@ class LlavaConfig:
             # a value of the wrong type (a string where a size goes, ...)
             raise ConfigError(f"{src}: malformed config ({e})") from None
 
+    @classmethod
+    def _from_hf_llama(cls, d: dict, src: str) -> LlavaConfig:
+        arch = d.get("architectures")
+        if arch != [_LLAMA_ARCH]:
+            raise ConfigError(
+                f"{src}: model_type='llama' with architectures={arch!r}: a LLaMA checkpoint must "
+                f"be a causal LM, architectures [{_LLAMA_ARCH!r}] (or give a LLaVA config.json)"
+            )
+        try:
+            return cls.text_only(TextConfig.from_hf_config(d, where=src))
+        except ConfigError as e:
+            if not str(e).startswith(src):
+                raise ConfigError(f"{src}: {e}") from e
+            raise
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ConfigError(f"{src}: malformed config ({e})") from None
+
     def to_hf_config(self) -> dict:
+        if self.vision is None:
+            return {"architectures": [_LLAMA_ARCH], **self.text.to_hf_config()}
         vfl = self.vision_feature_layer
         return {
             "model_type": "llava",
@@ -362,6 +416,8 @@ class LlavaConfig:
             "tie_word_embeddings": self.text.tie_word_embeddings,
         }
 
+
+_LLAMA_ARCH = "LlamaForCausalLM"
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -403,6 +459,22 @@ PRESETS: dict[str, LlavaConfig] = {
         image_token_index=127,
         image_seq_length=16,
     ),
+    # The text-only form at unit-test size: GQA 3:1, tied embeddings, head_dim != hidden / heads.
+    "tiny-llama": LlavaConfig.text_only(
+        TextConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=12,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
+    ),
     "llava-1.5-7b": LlavaConfig(
         vision=_CLIP_L_336,
         text=TextConfig(
@@ -439,7 +511,7 @@ PRESETS: dict[str, LlavaConfig] = {
 
 
 def get_preset(name: str) -> LlavaConfig:
-    """Returns a named preset (`tiny`, `llava-1.5-7b`, `llava-1.5-13b`)."""
+    """Returns a named preset (`tiny`, `tiny-llama` (text-only), `llava-1.5-7b`, `llava-1.5-13b`)."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -1,4 +1,5 @@
-"""The LLaVA-1.5 model in Flax: CLIP tower, projector, LLaMA decoder, greedy generation."""
+"""The LLaVA-1.5 model in Flax: CLIP tower, projector, LLaMA decoder, greedy generation; a
+text-only config (`LlavaConfig.text_only`) is a plain LLaMA causal LM through the same functions."""
 
 from ellava_jax.model.generate import generate
 from ellava_jax.model.llama import init_cache
@@ -13,6 +14,7 @@ from ellava_jax.model.llava import (
     merge_image_features,
     param_shapes,
     project,
+    refuse_images,
     vision_features,
 )
 
@@ -29,5 +31,6 @@ __all__ = [
     "merge_image_features",
     "param_shapes",
     "project",
+    "refuse_images",
     "vision_features",
 ]

@@ -16,7 +16,13 @@ import numpy as np
 
 from ellava_jax.config import LlavaConfig, TextConfig
 from ellava_jax.model.llama import init_cache, positions_from_mask
-from ellava_jax.model.llava import check_image_tokens, decode, embed_inputs, embed_text
+from ellava_jax.model.llava import (
+    check_image_tokens,
+    decode,
+    embed_inputs,
+    embed_text,
+    refuse_images,
+)
 
 # step(i, token [B] int32, cache) -> (logits [B, T, V], cache): feeds new token i - 1 (the
 # prompt is already in the cache) and returns the logits whose last position predicts token i.
@@ -100,6 +106,7 @@ def generate(
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    refuse_images(config, pixel_values)
     if pixel_values is not None:
         check_image_tokens(config, input_ids, pixel_values.shape[0])
     new = _generate(

@@ -3,6 +3,10 @@
 `embed_image` (CLIP + projector), `embed_text`, `merge_image_features`, `decode` (LLaMA + head)
 and `forward` (all of them) take `(config, params, ...)`; the pruner, the fitness and FitPrune
 each call the stage they need. The parameter tree is described in docs/architecture.md.
+
+A text-only config (`LlavaConfig.text_only`, a plain LLaMA causal LM) runs the same functions
+without the image stages: its tree has no `vision_tower` / `multi_modal_projector`, and
+`pixel_values` given to it (or `embed_image` called on it) is a `ValueError`.
 """
 
 from __future__ import annotations
@@ -54,16 +58,15 @@ def init_params(config: LlavaConfig, key, dtype=jnp.float32) -> dict:
 def _init_params(config: LlavaConfig, key, dtype) -> dict:
     kv, kp, kt, kh = jax.random.split(key, 4)
     v, t = config.vision, config.text
-    pix = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)
-    vision = CLIPVisionTransformer(v).init(kv, pix)["params"]
-    feat_dim = v.hidden_size * len(config.feature_layers)
-    proj = Projector(config).init(kp, jnp.zeros((1, 1, feat_dim)))["params"]
+    params = {}
+    if v is not None:
+        pix = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)
+        vision = CLIPVisionTransformer(v).init(kv, pix)["params"]
+        feat_dim = v.hidden_size * len(config.feature_layers)
+        proj = Projector(config).init(kp, jnp.zeros((1, 1, feat_dim)))["params"]
+        params = {"vision_tower": {"vision_model": vision}, "multi_modal_projector": proj}
     lm = LlamaModel(t).init(kt, jnp.zeros((1, 2), jnp.int32), method=LlamaModel.init_all)["params"]
-    params = {
-        "vision_tower": {"vision_model": vision},
-        "multi_modal_projector": proj,
-        "language_model": lm,
-    }
+    params["language_model"] = lm
     if not t.tie_word_embeddings:
         params["lm_head"] = {"kernel": _INIT(kh, (t.hidden_size, t.vocab_size), jnp.float32)}
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
@@ -77,6 +80,15 @@ def param_shapes(config: LlavaConfig, dtype=jnp.float32):
     return jax.eval_shape(lambda k: _init_params(config, k, jnp.dtype(dtype)), jax.random.key(0))
 
 
+def refuse_images(config: LlavaConfig, pixel_values, what: str = "pixel_values given") -> None:
+    """A `ValueError` when a text-only model is handed images (`pixel_values` not None)."""
+    if config.is_text_only and pixel_values is not None:
+        raise ValueError(
+            f"{what}, but this model is a text-only LLaMA causal LM (no vision tower, no "
+            "projector, no image token): it takes input_ids and attention_mask only"
+        )
+
+
 def _feature_layers_needed(config: LlavaConfig) -> int:
     n = config.vision.num_hidden_layers
     return max(layer % (n + 1) for layer in config.feature_layers)
@@ -84,6 +96,7 @@ def _feature_layers_needed(config: LlavaConfig) -> int:
 
 def vision_features(config: LlavaConfig, params: dict, pixel_values) -> jax.Array:
     """CLIP features the projector sees: pixel_values [B_img, C, S, S] -> [B_img, N, D_v * n_layers]."""
+    refuse_images(config, pixel_values)
     dtype = params["multi_modal_projector"]["linear_1"]["kernel"].dtype
     tower = CLIPVisionTransformer(config.vision, n_layers=_feature_layers_needed(config))
     hidden = tower.apply(
@@ -98,6 +111,7 @@ def vision_features(config: LlavaConfig, params: dict, pixel_values) -> jax.Arra
 
 def project(config: LlavaConfig, params: dict, features) -> jax.Array:
     """The projector: CLIP features [B_img, N, D_v] -> [B_img, N, H]."""
+    refuse_images(config, features, "project() called")
     return Projector(config).apply({"params": params["multi_modal_projector"]}, features)
 
 
@@ -133,6 +147,7 @@ def merge_image_features(config: LlavaConfig, input_ids, text_embeds, image_feat
 
     input_ids [B, T]; text_embeds [B, T, H]; image_features [B_img, N, H].
     """
+    refuse_images(config, image_features, "image features given")
     b, t, h = text_embeds.shape
     flat_feats = image_features.reshape(-1, h).astype(text_embeds.dtype)
     is_img = (input_ids == config.image_token_index).reshape(-1)
@@ -185,7 +200,8 @@ def decode(
 
 
 def embed_inputs(config: LlavaConfig, params: dict, input_ids, pixel_values=None):
-    """Token embeddings with image features merged in: [B, T, H]."""
+    """Token embeddings with image features merged in: [B, T, H] (text-only: no pixel_values)."""
+    refuse_images(config, pixel_values)
     embeds = embed_text(config, params, input_ids)
     if pixel_values is not None:
         feats = embed_image(config, params, pixel_values)
@@ -205,18 +221,20 @@ _forward_jit = jax.jit(_forward, static_argnums=0)
 
 
 def forward(config: LlavaConfig, params: dict, input_ids, pixel_values=None, attention_mask=None):
-    """Full LLaVA forward: logits [B, T, vocab].
+    """Full LLaVA (or text-only LLaMA) forward: logits [B, T, vocab].
 
     Args:
       config: the model's `LlavaConfig` (static under jit).
       params: the parameter tree.
       input_ids: [B, T] int, with `num_image_tokens` placeholders per image.
-      pixel_values: [B_img, C, S, S] float (NCHW), or None for text only.
+      pixel_values: [B_img, C, S, S] float (NCHW), or None for text only (always None for a
+        text-only config; anything else is a ValueError).
       attention_mask: [B, T] (1 = token, 0 = left padding), or None.
 
     Eager calls check the placeholder count and run jit-compiled; the function can also be
     wrapped in `jax.jit(forward, static_argnums=0)`.
     """
+    refuse_images(config, pixel_values)
     if pixel_values is not None:
         check_image_tokens(config, input_ids, pixel_values.shape[0])
     if isinstance(input_ids, jax.core.Tracer):
