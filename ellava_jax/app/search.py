@@ -7,7 +7,8 @@ Outputs in the run directory:
   model/           the searched, pruned model with the evolved projector (HF format)
   uniform/         uniform SparseGPT at p0 (HF format), the baseline
   checkpoint/      the searched model's params (orbax); checkpoints/ the per-round state
-  projector/       the evolved projector (orbax)
+  projector/       the evolved projector (orbax; not written for a text-only LLaMA, which has
+                   none: its search scores the text proxy alone, no projector step)
   masks.npz        the searched model's masks
   fitness.png      best and mean fitness per round; policy.png the per-layer sparsities;
   accuracy.png     accuracy by category of dense / uniform / searched (when evaluated)
@@ -118,9 +119,9 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
             del db
             best_idx, projector = res.best_idx, res.projector
         elif settings.baseline == "owl":  # no search: OWL's continuous layer sparsities
-            best_idx, projector = None, run.params["multi_modal_projector"]
+            best_idx, projector = None, run.params.get("multi_modal_projector")
         else:  # no search: uniform SparseGPT at p0
-            best_idx, projector = run.space.uniform(), run.params["multi_modal_projector"]
+            best_idx, projector = run.space.uniform(), run.params.get("multi_modal_projector")
     finally:
         if checkpoints is not None:
             checkpoints.close()
@@ -180,6 +181,12 @@ def _prepare(settings, out_dir, progress, say) -> _Run:
     )
 
 
+def _with_projector(params: dict, projector) -> dict:
+    """`params` with `projector` as its multi_modal_projector; unchanged when the model has
+    none (projector None: a text-only LLaMA)."""
+    return params if projector is None else dict(params, multi_modal_projector=projector)
+
+
 def _level_database(run: _Run):
     """Every decoder matrix pruned once at every grid level (dense Hessians)."""
     s = run.settings
@@ -208,7 +215,7 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
         fb = FitnessBatches(config, params, run.proxy, s)
 
         def score(projector, idx):
-            p = dict(params, multi_modal_projector=projector)
+            p = _with_projector(params, projector)
             return fitness(
                 config,
                 p,
@@ -222,9 +229,9 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
             )
 
         def train(projector, top_idx, c):
-            if not fb.has_mm or s.projector_steps <= 0:
-                return projector, np.zeros(0)
-            p = dict(params, multi_modal_projector=projector)
+            if projector is None or not fb.has_mm or s.projector_steps <= 0:
+                return projector, np.zeros(0)  # None: a text-only model, nothing to train
+            p = _with_projector(params, projector)
             return train_projector(
                 config,
                 p,
@@ -286,7 +293,7 @@ def _final_prune(run: _Run, sparsities, projector):
     """Sequential SparseGPT with the winning policy and the evolved projector."""
     s = run.settings
     with run.clock("final_prune"):
-        final_params = dict(run.params, multi_modal_projector=projector)
+        final_params = _with_projector(run.params, projector)
         final_calib = build_calibration_set(
             run.config, final_params, run.proxy.calibration_batches(), s.calib_batch_size
         )
@@ -326,7 +333,8 @@ def _write_models(run: _Run, pruned, uniform, projector) -> None:
     save_hf_llava(os.path.join(d, "model"), config, pruned, copy_from=run.model_dir)
     save_hf_llava(os.path.join(d, "uniform"), config, uniform, copy_from=run.model_dir)
     ckpt.save_tree(os.path.join(d, "checkpoint"), pruned)
-    ckpt.save_tree(os.path.join(d, "projector"), projector)
+    if projector is not None:  # a text-only model has none
+        ckpt.save_tree(os.path.join(d, "projector"), projector)
     save_masks(os.path.join(d, "masks.npz"), masks_from_params(config, pruned))
 
 

@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 
 NAME = "eval"
-HELP = "Evaluate a LLaVA model on multiple-choice VQA (jsonl, or the toy's test split) and proxy perplexity."
+HELP = (
+    "Evaluate a LLaVA model on multiple-choice VQA (jsonl, or the toy's test split) and proxy "
+    "perplexity; a plain LLaMA on records without images and held-out perplexity."
+)
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="toy", help="toy | path to an HF LLaVA directory")
+    p.add_argument(
+        "--model",
+        default="toy",
+        help="toy | path to an HF LLaVA or LlamaForCausalLM directory (text-only: --data FILE "
+        "of records without images, or --data none)",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -84,16 +92,25 @@ def run(args) -> int:
             check_file(path, f"{flag} file")
     model_dir = resolve_model_dir(args.model)
     if model_dir is None:
-        raise UserError("--model tiny has no tokenizer: evaluate 'toy' or an HF LLaVA directory")
+        raise UserError(
+            f"--model {args.model} has no tokenizer: evaluate 'toy' or an HF LLaVA or "
+            "LlamaForCausalLM directory"
+        )
+    dir_config = LlavaConfig.from_hf_config(model_dir)
+    if dir_config.is_text_only:
+        _check_text_only(args, model_dir)
     # the data is checked whole (records, image paths, held-out text) before the model is loaded
-    records, path = (
-        (None, None) if no_choices else sources.eval_records(args.data, args.limit, args.image_root)
-    )
+    if no_choices:
+        records, path = None, None
+    elif dir_config.is_text_only:  # a record with an image is refused before its image is read
+        records, path = harness.load_eval_records(
+            args.data, args.limit, args.image_root, config=dir_config
+        )
+    else:
+        records, path = sources.eval_records(args.data, args.limit, args.image_root)
     heldout = None
     if args.heldout:
-        heldout = sources.heldout_windows(
-            LlavaConfig.from_hf_config(model_dir), model_dir, args.heldout, args.seq_len
-        )
+        heldout = sources.heldout_windows(dir_config, model_dir, args.heldout, args.seq_len)
     config, params, model_dir = load_model(args.model)
     tok = T.load_tokenizer(model_dir)
     logits_fn = None
@@ -159,6 +176,22 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def _check_text_only(args, model_dir: str) -> None:
+    """What a text-only LLaMA cannot take: the toy's test split (every record has an image)
+    and a FitPrune recipe (it prunes visual tokens)."""
+    from ellava_jax.errors import UserError
+
+    if args.data in (None, "toy", "toy-test"):
+        raise UserError(
+            f"{model_dir}: a text-only LLaMA; the toy's test split has images. Give --data FILE "
+            "(records without 'image') or --data none with --heldout FILE|bible"
+        )
+    if args.token_recipe:
+        raise UserError(
+            f"--token-recipe: {model_dir} is a text-only LLaMA, with no visual tokens to prune"
+        )
 
 
 def _prefill_flops(config, params, tok, records, keep) -> dict | None:

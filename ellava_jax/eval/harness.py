@@ -6,6 +6,11 @@ Scoring:
   likelihood  the option letter with the highest log-probability among the record's options
 
 Accuracy is reported overall and per category (the paper's Table 3 columns at toy scale).
+
+A text-only model (a plain LLaMA, `config.is_text_only`) takes records without images only: the
+same LLaVA-1.5 prompt without the image line (no chat template), after the tokenizer's `<s>`
+when it has one (a byte-level tokenizer without it, e.g. SmolLM2's, gets no bos). A record with
+an image is refused, naming its file and line, before any compute.
 """
 
 from __future__ import annotations
@@ -68,16 +73,40 @@ def _pixels(records: list[Record], jsonl_path, model_dir, config, image_root=Non
     return np.stack(out)
 
 
+def refuse_images(config: LlavaConfig, records: list[Record], jsonl_path=None) -> None:
+    """A record with an image, for a text-only model, is a `UserError` naming file and line."""
+    if not config.is_text_only:
+        return
+    for i, r in enumerate(records):
+        if r.has_image:
+            what = f"image {r.image!r}" if r.image is not None else "an image"
+            raise UserError(
+                f"{_where(jsonl_path, r, i)}: the record has {what}, but the model is a "
+                "text-only LLaMA (no vision tower); give records without 'image'"
+            )
+
+
+def prompt_ids(tok, record: Record, num_image_tokens: int) -> list[int]:
+    """A record's prompt ids (`prompt.encode_record`); a tokenizer without `<s>` (a plain
+    LLaMA's byte-level BPE, e.g. SmolLM2's) gets the same prompt without a bos."""
+    if T._backend(tok).token_to_id(T.BOS) is None:
+        text = T.expand_image_tokens(T.format_prompt(record), num_image_tokens)
+        return T.encode_text(tok, text, add_bos=False)
+    return T.encode_record(tok, record, num_image_tokens)[0]
+
+
 def check_prompt_lengths(
     config: LlavaConfig, tok, records: list[Record], jsonl_path=None
 ) -> list[list[int]]:
     """The records' prompt ids; a prompt longer than the model's context (image tokens
-    included) is a `UserError` naming the jsonl file and line, raised before any compute."""
+    included), or a record with an image for a text-only model (`refuse_images`), is a
+    `UserError` naming the jsonl file and line, raised before any compute."""
+    refuse_images(config, records, jsonl_path)
     context = config.text.max_position_embeddings
     n = config.num_image_tokens
     rows = []
     for i, r in enumerate(records):
-        ids = T.encode_record(tok, r, n)[0]
+        ids = prompt_ids(tok, r, n)
         if len(ids) > context:
             image = f" ({n} image tokens included)" if r.has_image else ""
             raise UserError(
@@ -210,12 +239,16 @@ def perplexity(
 
 
 def load_eval_records(
-    data: str | None, limit: int | None = None, image_root: str | None = None
+    data: str | None,
+    limit: int | None = None,
+    image_root: str | None = None,
+    config: LlavaConfig | None = None,
 ) -> tuple[list[Record], str | None]:
     """(records, jsonl path) of a jsonl file of multiple-choice records.
 
     A file is checked whole before any compute: it must hold records, and the images of the
     first `limit` must stay inside the jsonl's directory (or `image_root`) and be image files.
+    With a text-only `config`, a record with an image is refused first (`refuse_images`).
     """
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}: evaluate at least 1 record")
@@ -224,6 +257,8 @@ def load_eval_records(
     if not recs:
         raise UserError(f"{data}: no records (an empty evaluation file)")
     recs = recs if limit is None else recs[:limit]
+    if config is not None:
+        refuse_images(config, recs, data)
     for i, r in enumerate(recs):
         if r.image is not None:
             check_image_header(record_image(data, r, i, image_root), _where(data, r, i))

@@ -8,6 +8,8 @@ Per round t:
      assembled from the level database;
   3. the top-k are kept; their importance weights c_m (eq. 7) weight the projector's
      training loss (projector.py): the search space evolves;
+     A text-only model (a plain LLaMA) has no projector: c_m is still computed and logged,
+     and `train` leaves the projector None;
   4. the round's state (strategy, projector, archive, PRNG position) is checkpointed, so a
      killed search resumes and ends with the same result.
 All randomness flows from one seed through `jax.random.fold_in(key, round)`.
@@ -108,7 +110,7 @@ def tree_to_state(template, tree):
 class EvolutionResult:
     best_idx: np.ndarray  # [E] level indices of the winner
     best_fitness: float
-    projector: dict  # the evolved projector parameters
+    projector: dict | None  # the evolved projector parameters (None: a text-only model)
     rounds: list[RoundLog]
     archive_idx: np.ndarray  # [R, top_k, E]
     archive_fitness: np.ndarray  # [R, top_k]
@@ -145,7 +147,7 @@ def evolve(
         settings.init_std,
         settings.top_k / settings.population,
     )
-    st = _SearchState.start(settings, space, params["multi_modal_projector"])
+    st = _SearchState.start(settings, space, params.get("multi_modal_projector"))
     if resume is not None:
         st.restore(resume, strat, settings)
     for r in range(st.next_round, settings.rounds):
@@ -165,7 +167,7 @@ class _SearchState:
     archive of each round's top-k (levels and J) and the round logs."""
 
     key: jax.Array
-    projector: dict
+    projector: dict | None  # None: a text-only model (no projector; nothing to train or save)
     archive_idx: np.ndarray  # [R, top_k, E]
     archive_fitness: np.ndarray  # [R, top_k]
     logs: list
@@ -194,7 +196,7 @@ class _SearchState:
                 f"{saved['archive_idx'].shape}, not (rounds, {k}, {e}) for {settings.rounds} rounds"
             )
         self.strategy = tree_to_state(strat.template(jax.random.key(0)), saved["strategy"])
-        self.projector = saved["projector"]
+        self.projector = saved.get("projector")  # absent: a text-only model's search
         n = min(saved["archive_idx"].shape[0], settings.rounds)
         self.archive_idx[:n] = np.asarray(saved["archive_idx"])[:n]
         self.archive_fitness[:n] = np.asarray(saved["archive_fitness"])[:n]
@@ -202,12 +204,15 @@ class _SearchState:
         self.next_round = last + 1
 
     def arrays(self) -> dict:
-        return {
+        out = {
             "strategy": state_to_tree(self.strategy),
             "projector": self.projector,
             "archive_idx": self.archive_idx,
             "archive_fitness": self.archive_fitness,
         }
+        if self.projector is None:  # a text-only model: the checkpoint holds no projector
+            del out["projector"]
+        return out
 
 
 def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, train) -> RoundLog:

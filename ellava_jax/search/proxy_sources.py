@@ -33,6 +33,18 @@ class ProxyData:
         return out
 
 
+def no_images(config: LlavaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mm_ids, mm_mask, mm_pixels) of no image + text samples; pixels [0, 3, 1, 1] for a
+    text-only config (it has no image size)."""
+    v = config.vision
+    c, s = (3, 1) if v is None else (v.num_channels, v.image_size)
+    return (
+        np.zeros((0, 1), np.int64),
+        np.zeros((0, 1), np.int64),
+        np.zeros((0, c, s, s), np.float32),
+    )
+
+
 def length_buckets(lengths, max_buckets: int = 4, min_size: int = 8) -> list[np.ndarray]:
     """Rows grouped by length so that each group pads only to its own longest row.
 
@@ -57,8 +69,12 @@ def length_buckets(lengths, max_buckets: int = 4, min_size: int = 8) -> list[np.
 def random_proxy(
     config: LlavaConfig, n_text: int, seq_len: int, n_mm: int, seed: int = 0
 ) -> ProxyData:
-    """Random tokens and images: calibration for random-weight models (tests, `tiny`)."""
+    """Random tokens and images: calibration for random-weight models (tests, `tiny`). A
+    text-only config gets text segments alone (`n_mm` is ignored: it has no images)."""
 
+    if config.is_text_only:
+        ids, mask = random_segments(config.text.vocab_size, n_text, seq_len, seed)
+        return ProxyData(ids, mask, *no_images(config))
     rng = np.random.default_rng(seed + 1)
     ids, mask = random_segments(config.image_token_index, n_text, seq_len, seed)
     n_img = config.num_image_tokens
@@ -97,21 +113,19 @@ def file_proxy(
     if text_segments is None:
         read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
     if mm_file:
+        if config.is_text_only:
+            raise UserError(
+                f"proxy_multimodal={mm_file!r}: the model is a text-only LLaMA (no vision tower, "
+                "no projector); remove proxy_multimodal and search on the text proxy alone"
+            )
         check_file(mm_file, "multimodal jsonl file")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if text_segments is None:
         ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
     else:
         ids, mask = text_segments(tok)
-    v = config.vision
     if not mm_file:
-        return ProxyData(
-            ids,
-            mask,
-            np.zeros((0, 1), np.int64),
-            np.zeros((0, 1), np.int64),
-            np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32),
-        )
+        return ProxyData(ids, mask, *no_images(config))
     rows = read_multimodal_jsonl(mm_file, image_root, limit=n_mm)
     pix = rows_pixels(mm_file, rows, tokenizer_dir, config)
     seqs = []
