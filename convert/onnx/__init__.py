@@ -6,7 +6,8 @@ zeros stay exact zeros and the runtime sees the sparsity. Every linear layer is 
 whose right-hand side is a constant initializer in ``[in, out]`` layout: the form DeepSparse's
 sparse kernels pick up. Default opset 14, IR version 8 (DeepSparse 1.8 reads opset <= 17, IR <= 8).
 
-Three graphs, one module each beside the builder:
+Three graphs, one module each beside the builder (a text-only LLaMA, ``LlamaForCausalLM``, gets
+the first two, from ``input_ids``):
 
 * :func:`export_decoder_prefill` (``decoder.py``): LLaMA decoder over a sequence. Inputs
   ``inputs_embeds`` ``[B, T, H]`` (or ``input_ids`` ``[B, T]``) and ``attention_mask`` ``[B, T]``
@@ -80,17 +81,28 @@ __all__ = [
 
 
 def export_all(
-    config: Any, params: Mapping, out_dir: str | os.PathLike, *, head: bool = True
+    config: Any,
+    params: Mapping,
+    out_dir: str | os.PathLike,
+    *,
+    head: bool = True,
+    inputs: str | None = None,
 ) -> dict[str, str]:
-    """Write decoder_prefill.onnx, decoder_decode.onnx (both from ``inputs_embeds``) and, when the
-    config and params have a vision part, llava_prefill.onnx. Returns {graph name: path}."""
+    """Write decoder_prefill.onnx, decoder_decode.onnx and, when the config and params have a
+    vision part, llava_prefill.onnx. Returns {graph name: path}.
+
+    ``inputs``: what the decoder graphs take, ``"embeds"`` (``inputs_embeds``) or ``"ids"``
+    (``input_ids``); default ``"ids"`` for a text-only LLaMA (``config.is_text_only``: nothing
+    else would embed its tokens), else ``"embeds"``."""
     out_dir = os.fspath(out_dir)
+    if inputs is None:
+        inputs = "ids" if getattr(config, "is_text_only", False) else "embeds"
     paths = {
         "decoder_prefill": os.path.join(out_dir, "decoder_prefill.onnx"),
         "decoder_decode": os.path.join(out_dir, "decoder_decode.onnx"),
     }
-    export_decoder_prefill(config, params, paths["decoder_prefill"], head=head)
-    export_decoder_decode(config, params, paths["decoder_decode"], head=head)
+    export_decoder_prefill(config, params, paths["decoder_prefill"], inputs=inputs, head=head)
+    export_decoder_decode(config, params, paths["decoder_decode"], inputs=inputs, head=head)
     has_vision = (
         getattr(config, "vision", None) or getattr(config, "vision_config", None)
     ) is not None and "vision_tower" in params

@@ -21,6 +21,7 @@ import numpy as np
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data import bible
 from ellava_jax.data import prompt as T
+from ellava_jax.data.segments import proxy_segments, random_segments, read_proxy_text
 from ellava_jax.errors import UserError
 from ellava_jax.eval import harness
 from ellava_jax.search.proxy_sources import ProxyData, file_proxy, random_proxy
@@ -58,6 +59,14 @@ def proxy_data(
     context = config.text.max_position_embeddings
     if seq_len > context:
         raise UserError(f"{seq_flag}={seq_len}: more than the model's context of {context}")
+    if config.is_text_only:
+        # a LLaMA causal LM: text only, whatever n_mm asks (it has no image to take)
+        if mm_file:
+            raise UserError(
+                f"proxy_multimodal={mm_file!r}: the model is a text-only LLaMA and takes no "
+                "images; remove proxy_multimodal"
+            )
+        return _text_only_proxy(config, model_dir, text_file, n_text, seq_len, seed, text_flag)
     if model_dir is None:
         for flag, f in ((text_flag, text_file), ("proxy_multimodal", mm_file)):
             if f:
@@ -95,7 +104,51 @@ def proxy_data(
     )
 
 
+def _text_only_proxy(
+    config: LlavaConfig,
+    model_dir: str | None,
+    text_file: str | None,
+    n_text: int,
+    seq_len: int,
+    seed: int,
+    text_flag: str,
+) -> ProxyData:
+    """Text segments for a text-only LLaMA: random tokens without a directory (`tiny-llama`),
+    else the user's file or the Bible through the model's tokenizer; never an image sample."""
+    if model_dir is None:
+        if text_file:
+            raise UserError(
+                f"{text_flag}={text_file!r}: a random preset has no tokenizer and draws random "
+                f"proxy tokens; remove {text_flag} or use a model directory"
+            )
+        ids, mask = random_segments(config.text.vocab_size, n_text, seq_len, seed)
+        return ProxyData(ids, mask, *_no_images(config))
+    if not text_file:
+        raise UserError(
+            f"{model_dir}: set {text_flag} (a local text file such as PTB, or {bible.NAME}) to "
+            "calibrate this model"
+        )
+    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
+
+    if text_file == bible.NAME:  # the Old Testament, tokenised with the model's tokenizer
+        bible.data_files()  # not installed: one line, before the tokenizer loads
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids, mask = bible.proxy_segments(tok, n=n_text, seq_len=seq_len, seed=seed)
+    else:
+        read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
+    return ProxyData(ids, mask, *_no_images(config))
+
+
 def _no_images(config: LlavaConfig):
+    """Zero image samples (a text-only config: pixels of shape [0, 0, 0, 0])."""
+    if config.is_text_only:
+        return (
+            np.zeros((0, 1), np.int64),
+            np.zeros((0, 1), np.int64),
+            np.zeros((0, 0, 0, 0), np.float32),
+        )
     v = config.vision
     return (
         np.zeros((0, 1), np.int64),

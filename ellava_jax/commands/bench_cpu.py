@@ -10,13 +10,16 @@ HELP = "Time the decoders of a dense model and pruned ones in DeepSparse (onnxru
 
 def add_arguments(p):
     p.add_argument(
-        "--model", required=True, help="the dense baseline: toy | tiny | HF LLaVA directory"
+        "--model",
+        required=True,
+        help="the dense baseline: toy | tiny | tiny-llama | smollm2 | HF LLaVA or "
+        "LlamaForCausalLM directory",
     )
     p.add_argument(
         "--compare",
         nargs="*",
         default=[],
-        help="pruned models (HF LLaVA directories) to time against it",
+        help="pruned models (HF directories of the same architecture) to time against it",
     )
     p.add_argument(
         "--seq-len",

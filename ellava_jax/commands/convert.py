@@ -14,7 +14,10 @@ HELP = (
 
 def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="toy | tiny | path to an HF LLaVA directory")
+    src.add_argument(
+        "--model",
+        help="toy | tiny | tiny-llama | smollm2 | path to an HF LLaVA or LlamaForCausalLM directory",
+    )
     src.add_argument(
         "--gguf",
         metavar="FILE",

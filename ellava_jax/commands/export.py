@@ -8,14 +8,18 @@ NAME = "export"
 # The three graphs hold float32 weights: the toy (float32, 3.9 MB of safetensors) exports 10.1 MB,
 # so a bfloat16 model needs about 5.2x its weight files; 6 leaves a margin.
 EXPORT_BYTES_PER_WEIGHT_BYTE = 6
-HELP = "Export the decoder prefill, the one-token decode step (KV cache in/out) and the full LLaVA prefill to ONNX."
+HELP = (
+    "Export the decoder prefill, the one-token decode step (KV cache in/out) and the full LLaVA "
+    "prefill to ONNX (a LlamaForCausalLM: the two decoder graphs, from input_ids)."
+)
 
 
 def add_arguments(p):
     p.add_argument(
         "--model",
         required=True,
-        help="toy | tiny | path to an HF LLaVA directory (e.g. a pruned one)",
+        help="toy | tiny | tiny-llama | smollm2 | path to an HF LLaVA or LlamaForCausalLM "
+        "directory (e.g. a pruned one)",
     )
     p.add_argument("--out", required=True, help="output directory for the .onnx files")
     add_overwrite_flag(p)

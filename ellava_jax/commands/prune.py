@@ -12,11 +12,19 @@ OWL_M = 5.0
 OWL_LAMBDA = 0.08
 
 NAME = "prune"
-HELP = "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA directory."
+HELP = (
+    "Prune the LLaMA decoder's linear weights (uniformly or per a policy) and write an HF LLaVA "
+    "directory (a LlamaForCausalLM one for a text-only LLaMA)."
+)
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="toy | tiny | path to an HF LLaVA directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="toy | tiny | tiny-llama | smollm2 | path to an HF LLaVA or LlamaForCausalLM "
+        "directory",
+    )
     p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
     p.add_argument(
         "--sparsity", type=float, default=0.5, help="uniform sparsity of every decoder linear"
@@ -53,7 +61,8 @@ def add_arguments(p):
         "--proxy",
         default=None,
         help="proxy text (.txt or .jsonl with 'text'), or bible (the World English Bible's Old "
-        "Testament; a file named bible: ./bible); default: the model's own",
+        "Testament; a file named bible: ./bible); default: the model's own (random tokens for tiny "
+        "and tiny-llama; a text-only LLaMA is calibrated on text only)",
     )
     p.add_argument("--nsamples", type=int, default=64, help="proxy segments (paper: 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (paper: 256)")

@@ -16,7 +16,11 @@ HELP = (
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="tiny", help="toy | tiny | path to an HF LLaVA directory")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="toy | tiny | path to an HF LLaVA directory (not a text-only LLaMA)",
+    )
     p.add_argument(
         "--flops-reduction",
         type=float,
@@ -73,7 +77,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     # imported here, not at the top: `ellava --help` imports every command module
-    from ellava_jax.app.models import load_model, resolve_model_dir
+    from ellava_jax.app.models import load_config, load_model, resolve_model_dir
     from ellava_jax.app.sources import fitprune_calibration
     from ellava_jax.eval.flops import flops_reduction
     from ellava_jax.outputs import claim_output
@@ -81,6 +85,11 @@ def run(args) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples={args.samples} must be at least 1")
+    if load_config(args.model).is_text_only:
+        raise UserError(
+            f"--model {args.model}: a text-only LLaMA has no visual tokens to prune; "
+            "token-prune takes a LLaVA"
+        )
     out = claim_output(
         args.out,
         NAME,
