@@ -25,4 +25,6 @@ def test_memory_table_in_guide_matches_script():
         "the table in docs/user-guide.md is stale: paste the output of "
         "`python scripts/memory_table.py` between the markers"
     )
-    assert "7,063,427,072" in out  # LLaVA-1.5-7B's parameter count (the llava-1.5-7b preset, by jax.eval_shape)
+    assert (
+        "7,063,427,072" in out
+    )  # LLaVA-1.5-7B's parameter count (the llava-1.5-7b preset, by jax.eval_shape)
