@@ -21,10 +21,10 @@ import numpy as np
 from ellava_jax.config import LlavaConfig
 from ellava_jax.data import bible
 from ellava_jax.data import prompt as T
-from ellava_jax.data.segments import proxy_segments, random_segments, read_proxy_text
+from ellava_jax.data.segments import read_proxy_text
 from ellava_jax.errors import UserError
 from ellava_jax.eval import harness
-from ellava_jax.search.proxy_sources import ProxyData, file_proxy, random_proxy
+from ellava_jax.search.proxy_sources import ProxyData, file_proxy, no_images, random_proxy
 from ellava_jax.tokens.fit import Calibration, file_calibration, random_calibration
 from ellava_jax.toy import defaults as toy
 from ellava_jax.toy.scenes import IMAGE_SIZE as TOY_IMAGE_SIZE
@@ -54,30 +54,24 @@ def proxy_data(
 
     Args:
       text_file / mm_file: the user's files (`text_flag`, `seq_flag` name settings in messages).
-      n_text, seq_len: text segments and their length; n_mm: image + text samples.
+      n_text, seq_len: text segments and their length; n_mm: image + text samples (none
+        for a text-only LLaMA, whatever n_mm asks: `random_proxy` and `file_proxy` see to it).
     """
     context = config.text.max_position_embeddings
     if seq_len > context:
         raise UserError(f"{seq_flag}={seq_len}: more than the model's context of {context}")
-    if config.is_text_only:
-        # a LLaMA causal LM: text only, whatever n_mm asks (it has no image to take)
-        if mm_file:
-            raise UserError(
-                f"proxy_multimodal={mm_file!r}: the model is a text-only LLaMA and takes no "
-                "images; remove proxy_multimodal"
-            )
-        return _text_only_proxy(config, model_dir, text_file, n_text, seq_len, seed, text_flag)
     if model_dir is None:
         for flag, f in ((text_flag, text_file), ("proxy_multimodal", mm_file)):
             if f:
                 raise UserError(
-                    f"{flag}={f!r}: model 'tiny' has no tokenizer and draws random proxy "
-                    f"samples; remove {flag} or use 'toy' or an HF LLaVA directory"
+                    f"{flag}={f!r}: a random preset ('tiny', 'tiny-llama') has no tokenizer and "
+                    f"draws random proxy samples; remove {flag} or use 'toy', 'smollm2' or an "
+                    "HF directory"
                 )
         return random_proxy(config, n_text, seq_len, n_mm, seed)
     if is_toy(model_dir) and not text_file:
         ids, mask = toy.text_segments(n_text, seq_len, seed)
-        images = toy.multimodal(config, n_mm, seed) if n_mm else _no_images(config)
+        images = toy.multimodal(config, n_mm, seed) if n_mm else no_images(config)
         return ProxyData(ids, mask, *images)
     if not text_file:
         raise UserError(
@@ -101,59 +95,6 @@ def proxy_data(
         n_mm,
         image_root,
         text_segments=text_segments,
-    )
-
-
-def _text_only_proxy(
-    config: LlavaConfig,
-    model_dir: str | None,
-    text_file: str | None,
-    n_text: int,
-    seq_len: int,
-    seed: int,
-    text_flag: str,
-) -> ProxyData:
-    """Text segments for a text-only LLaMA: random tokens without a directory (`tiny-llama`),
-    else the user's file or the Bible through the model's tokenizer; never an image sample."""
-    if model_dir is None:
-        if text_file:
-            raise UserError(
-                f"{text_flag}={text_file!r}: a random preset has no tokenizer and draws random "
-                f"proxy tokens; remove {text_flag} or use a model directory"
-            )
-        ids, mask = random_segments(config.text.vocab_size, n_text, seq_len, seed)
-        return ProxyData(ids, mask, *_no_images(config))
-    if not text_file:
-        raise UserError(
-            f"{model_dir}: set {text_flag} (a local text file such as PTB, or {bible.NAME}) to "
-            "calibrate this model"
-        )
-    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
-
-    if text_file == bible.NAME:  # the Old Testament, tokenised with the model's tokenizer
-        bible.data_files()  # not installed: one line, before the tokenizer loads
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        ids, mask = bible.proxy_segments(tok, n=n_text, seq_len=seq_len, seed=seed)
-    else:
-        read_proxy_text(text_file)  # a missing or empty file, before the tokenizer loads
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        ids, mask = proxy_segments(text_file, tok, n_text, seq_len, seed)
-    return ProxyData(ids, mask, *_no_images(config))
-
-
-def _no_images(config: LlavaConfig):
-    """Zero image samples (a text-only config: pixels of shape [0, 0, 0, 0])."""
-    if config.is_text_only:
-        return (
-            np.zeros((0, 1), np.int64),
-            np.zeros((0, 1), np.int64),
-            np.zeros((0, 0, 0, 0), np.float32),
-        )
-    v = config.vision
-    return (
-        np.zeros((0, 1), np.int64),
-        np.zeros((0, 1), np.int64),
-        np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32),
     )
 
 
@@ -237,8 +178,6 @@ def heldout_windows(config: LlavaConfig, model_dir: str, heldout: str, seq_len: 
     tokens at seq_len 256), or a text / jsonl file, every whole window of seq_len from its start.
     `info` names the source and counts windows and tokens."""
     from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
-
-    from ellava_jax.data.segments import read_proxy_text
 
     context = config.text.max_position_embeddings
     if not 2 <= seq_len <= context:
