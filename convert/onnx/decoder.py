@@ -180,9 +180,15 @@ def _finish(
         g.add_output("last_hidden_state", TensorProto.FLOAT, [*bt, d.hidden])
 
 
-def _check_inputs(inputs: str) -> None:
-    if inputs not in ("embeds", "ids"):
-        raise ValueError("inputs must be 'embeds' (inputs_embeds) or 'ids' (input_ids)")
+def _token_input(g: _Graph, params: Mapping, d: _Dims, inputs: str, seq) -> str:
+    """The graph's token input, [batch, seq, hidden]: `inputs_embeds` ("embeds"), or
+    `input_ids` ("ids") looked up in the embedding table."""
+    if inputs == "embeds":
+        return g.add_input("inputs_embeds", TensorProto.FLOAT, ["batch", seq, d.hidden])
+    if inputs == "ids":
+        ids = g.add_input("input_ids", TensorProto.INT64, ["batch", seq])
+        return embed_tokens(g, _language_model(params), ids)
+    raise ValueError("inputs must be 'embeds' (inputs_embeds) or 'ids' (input_ids)")
 
 
 def export_decoder_prefill(
@@ -195,14 +201,9 @@ def export_decoder_prefill(
     opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
     """LLaMA decoder prefill graph (see :mod:`convert.onnx`); saved to ``path`` when given."""
-    _check_inputs(inputs)
     d = _Dims(text_config(config))
     g = _Graph()
-    lm = _language_model(params)
-    if inputs == "embeds":
-        h = g.add_input("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", d.hidden])
-    else:
-        h = embed_tokens(g, lm, g.add_input("input_ids", TensorProto.INT64, ["batch", "seq"]))
+    h = _token_input(g, params, d, inputs, "seq")
     mask = g.add_input("attention_mask", TensorProto.INT64, ["batch", "seq"])
     prefill_body(g, params, d, h, mask, head)
     model = g.model("llama_prefill", opset)
@@ -221,14 +222,10 @@ def export_decoder_decode(
     opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
     """One-token decode step with the KV cache as inputs and outputs (past length dynamic)."""
-    _check_inputs(inputs)
     d = _Dims(text_config(config))
     g = _Graph()
     lm = _language_model(params)
-    if inputs == "embeds":
-        h = g.add_input("inputs_embeds", TensorProto.FLOAT, ["batch", 1, d.hidden])
-    else:
-        h = embed_tokens(g, lm, g.add_input("input_ids", TensorProto.INT64, ["batch", 1]))
+    h = _token_input(g, params, d, inputs, 1)
     mask = g.add_input("attention_mask", TensorProto.INT64, ["batch", "total"])
     past = []
     for i in range(d.n_layers):
