@@ -2,12 +2,13 @@
 
 For each ablation, p0 and seed it runs `ellava search` in-process (`run_search`) and records the
 toy test split accuracy of the dense model, uniform SparseGPT at p0 (the same seed's
-calibration) and the searched model. One JSON line per run goes to OUT/runs.jsonl as soon as the
+calibration) and the searched model (for `owl`, which runs no search: OWL's layer sparsities
+with SparseGPT on the same calibration). One JSON line per run goes to OUT/runs.jsonl as soon as the
 run ends, so a killed benchmark keeps what it finished and a rerun skips it. At the end it prints
 a markdown table, mean +- sample standard deviation over seeds, and writes OUT/table.md.
 
     PYTHONPATH=. .venv/bin/python benchmarks/search_quality.py --out runs/quality \\
-        [--p0 0.5 0.7] [--seeds 0 1 2] [--ablations full auto_wo_gen no_evo evo_wo_ub] \\
+        [--p0 0.5 0.7] [--seeds 0 1 2] [--ablations owl full auto_wo_gen no_evo evo_wo_ub] \\
         [--budget-s 3600]
 
 On 2 CPU cores one toy search takes about 18 minutes, so the whole table (24 searches) is a
@@ -28,9 +29,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROWS = ("uniform", "full", "auto_wo_gen", "no_evo", "evo_wo_ub")
+ROWS = ("uniform", "owl", "full", "auto_wo_gen", "no_evo", "evo_wo_ub")
 ROW_NAMES = {
     "uniform": "Uniform (SparseGPT, no search)",
+    "owl": "OWL + SparseGPT (no search)",
     "full": "EfficientLLaVA (full)",
     "auto_wo_gen": "Auto w/o Gen (eta = 0)",
     "no_evo": "No Evo (no projector training)",
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--p0", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
-        "--ablations", nargs="+", default=["full", "auto_wo_gen", "no_evo", "evo_wo_ub"]
+        "--ablations", nargs="+", default=["owl", "full", "auto_wo_gen", "no_evo", "evo_wo_ub"]
     )
     ap.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
     ap.add_argument(

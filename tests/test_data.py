@@ -415,3 +415,17 @@ def test_crowded_question_stream():
     assert counts and set(counts) == {4}
     natural = [len(s.objects) for _, s in _take(questions.iter_records("train", seed=3), 200) if s]
     assert set(natural) == {1, 2, 3, 4}
+
+
+def test_answer_letters_that_are_not_one_token_are_refused_in_one_line():
+    """A byte-level tokenizer without merges writes ' A' as two tokens: multiple-choice
+    scoring cannot read it, and says so instead of a traceback."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ellava_jax.errors import UserError
+
+    vocab = {c: i for i, c in enumerate(["Ġ", "A", "B", "C", "D", "E", "<unk>"])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    with pytest.raises(UserError, match=r"answer letter ' A' as 2 tokens \[0, 1\]"):
+        T.letter_ids(tok)

@@ -106,6 +106,39 @@ def test_vmapped_fitness_equals_the_python_loop(tiny_search):
     np.testing.assert_allclose(np.asarray(g2), np.asarray(g)[[0, 3, 0, 1, 3, 3]], rtol=1e-6)
 
 
+def test_g_reading_mean_is_the_per_matrix_mean_of_the_norm_table(tiny_search):
+    """G read as a sum (the paper's) or a mean over matrices, each from the database's norm
+    ratios looked up by hand: log ||W * M|| / ||W|| of every (layer, matrix) at its level."""
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(4, np.random.default_rng(5))
+    keys = sorted(db.log_norm_ratio)
+    by_hand = np.array(
+        [[db.log_norm_ratio[k][row[space.entry_of(*k)]] for k in keys] for row in idx]
+    )
+    parts = fb.parts(params["multi_modal_projector"])
+    _, loss, g_sum = fitness(config, params, db, space, idx, parts, 0.5)
+    j, loss_m, g_mean = fitness(config, params, db, space, idx, parts, 3.0, g_reading="mean")
+    np.testing.assert_allclose(np.asarray(g_sum), by_hand.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_mean), by_hand.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(loss_m), np.asarray(loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(j), np.asarray(loss) + 3.0 * by_hand.mean(1), rtol=1e-5)
+    with pytest.raises(ValueError, match="G reading 'max'"):
+        fitness(config, params, db, space, idx, parts, 0.5, g_reading="max")
+
+
+def test_population_terms_say_which_term_ranks_the_population():
+    from ellava_jax.search.evolve import population_terms
+
+    loss = np.array([4.0, 4.1, 4.2, 4.3])
+    g = np.array([-1.0, -3.0, -2.0, -5.0])  # eta*G spans 2, L spans 0.3: G ranks
+    t = population_terms(loss + 0.5 * g, loss, g, 0.5)
+    assert t["rank_corr_j_g"] == pytest.approx(1.0) and t["rank_corr_j_loss"] < 0
+    assert t["loss_std"] == pytest.approx(np.std(loss, ddof=1))
+    assert t["eta_g_std"] == pytest.approx(0.5 * np.std(g, ddof=1))
+    t0 = population_terms(loss, loss, g, 0.0)  # eta 0: L alone ranks
+    assert t0["rank_corr_j_loss"] == pytest.approx(1.0) and t0["eta_g_std"] == 0.0
+
+
 def test_fitness_caches_the_text_parts_per_policy(tiny_search):
     """Text segments never see the projector: their loss is kept per policy, and a new
     projector changes only the multimodal part of the score."""

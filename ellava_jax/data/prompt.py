@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ellava_jax.data.records import LETTERS, Record
+from ellava_jax.errors import UserError
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)  # ids 0..4, in this order
@@ -126,7 +127,11 @@ def letter_ids(tok, n: int = len(LETTERS)) -> list[int]:
     for letter in LETTERS[:n]:
         ids = encode_text(tok, f" {letter}", add_bos=False)
         if len(ids) != 1:
-            raise ValueError(f"answer letter {letter!r} is not one token: {ids}")
+            raise UserError(
+                f"this tokenizer writes the answer letter ' {letter}' as {len(ids)} tokens "
+                f"{ids}: multiple-choice scoring needs one token per letter (use --data none "
+                "and held-out perplexity for this model)"
+            )
         out.append(ids[0])
     return out
 

@@ -10,6 +10,7 @@ and returns its path; none reads a file or composes text. One function per figur
   accuracy_by_category    accuracy per category, one bar per model (a search's)
   accuracy_rows_bars      accuracy per category, one bar per row of the report's table
   tradeoff                accuracy vs speedup, uniform vs EfficientLLaVA, one panel per speedup
+  method_layer_sparsities per-layer sparsity of uniform, OWL and searched policies per p0
 """
 
 from __future__ import annotations
@@ -180,4 +181,21 @@ def tradeoff(p0s: Sequence[float], acc: Points, panels: Sequence[tuple[Points, s
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=120)
     for ax, (speed, xlabel) in zip(np.atleast_1d(axes), panels):
         _tradeoff_axes(ax, p0s, acc, speed, xlabel)
+    return str(_save(fig, path))
+
+
+def method_layer_sparsities(panels: Mapping[float, Mapping[str, Sequence[float]]], path) -> str:
+    """Per-layer sparsity of several methods (lines), one panel per p0 (the real-model table's
+    uniform, OWL and searched policies)."""
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=120, squeeze=False
+    )
+    for ax, (p0, series) in zip(axes[0], panels.items()):
+        for name, values in series.items():
+            ax.plot(np.arange(len(values)), values, marker=".", lw=1.2, label=name)
+        ax.axhline(p0, color="grey", ls=":", lw=1)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("sparsity")
+        ax.set_title(f"mean sparsity {p0:g}")
+        ax.legend(fontsize=7, loc="best")
     return str(_save(fig, path))

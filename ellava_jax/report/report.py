@@ -10,7 +10,9 @@ Reads, when present (every number and figure comes from these files, nothing is 
   bench-cpu/bench.json       DeepSparse timings (`convert.deepsparse.bench_cpu`)
   fitprune/result.json       the FitPrune recipe on top of a searched model: FLOPs, accuracy
 
-A directory written by `ellava search` alone (result.json at its top) is read as one p0.
+A directory written by `ellava search` alone (result.json at its top) is read as one p0. A
+directory written by `benchmarks/real_model.py` (runs.jsonl of pruning methods on a real model)
+gets its own table, plot and report (`ellava_jax.report.method_table`).
 
 Writes DIR/report.md and PNGs (by default in DIR/report/):
   tradeoff.png          accuracy vs CPU speedup, uniform vs EfficientLLaVA across p0 (the
@@ -36,7 +38,7 @@ from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import MissingInput
 from ellava_jax.eval.flops import by_layer, decoder_prefill_flops, total_flops
 from ellava_jax.prune import masks
-from ellava_jax.report import plots
+from ellava_jax.report import method_table, plots
 
 REF_TEXT_TOKENS = 64  # reference prompt for the analytic speedup when no FitPrune result says
 
@@ -491,6 +493,8 @@ def write_report(
     link_dir: how report.md names plots_dir (default: its path relative to run_dir).
     Returns the paths written.
     """
+    if method_table.is_method_table(run_dir):  # benchmarks/real_model.py's results
+        return method_table.write_outputs(run_dir)
     run = read_run(run_dir)
     d = run["dir"]
     pdir = Path(plots_dir) if plots_dir else d / "report"

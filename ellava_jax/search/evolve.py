@@ -254,9 +254,40 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
         projector_loss_first=float(plosses[0]) if len(plosses) else None,
         projector_loss_last=float(plosses[-1]) if len(plosses) else None,
         seconds=time.perf_counter() - t0,
+        extra={"population_terms": population_terms(j, loss, g, settings.eta)},
     )
     st.logs.append(log)
     return log
+
+
+def _ranks(x) -> np.ndarray:
+    return np.argsort(np.argsort(np.asarray(x, np.float64), kind="stable"), kind="stable")
+
+
+def population_terms(j, loss, g, eta: float) -> dict:
+    """How each term of J = L + eta*G spreads over one round's population, and which one sets
+    the ranking: means and sample stds of L, G and eta*G, and the Spearman rank correlations of
+    J with L and with G (without ties handling: fitness values rarely tie)."""
+    j, loss, g = (np.asarray(x, np.float64) for x in (j, loss, g))
+
+    def std(x):
+        return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+    def spearman(a, b):
+        ra, rb = _ranks(a), _ranks(b)
+        if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+            return None
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+    return {
+        "loss_mean": float(loss.mean()),
+        "loss_std": std(loss),
+        "g_mean": float(g.mean()),
+        "g_std": std(g),
+        "eta_g_std": eta * std(g),
+        "rank_corr_j_loss": spearman(j, loss),
+        "rank_corr_j_g": spearman(j, g),
+    }
 
 
 def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionResult:

@@ -70,13 +70,22 @@ def layer_entries(space: PolicySpace) -> np.ndarray:
     return np.array([[space.entry_of(layer, m) for m in MATRICES] for layer in range(n)], np.int32)
 
 
-def generalization_term(space: PolicySpace, db: LevelDatabase, idx) -> jax.Array:
-    """G per candidate: sum of log norm ratios of the candidate's kernels. idx [P, E] -> [P]."""
+def generalization_term(
+    space: PolicySpace, db: LevelDatabase, idx, reading: str = "sum"
+) -> jax.Array:
+    """G per candidate: the sum (the paper's log of a product of norm ratios) or the mean over
+    matrices of log norm ratios of the candidate's kernels. idx [P, E] -> [P].
+
+    The sum grows with depth (210 matrices in a 30-layer LLaMA, 28 in the 4-layer toy), so at a
+    fixed eta it outweighs L_proxy in a deep model; the mean does not."""
     order = list(decoder_linears(space.config))
     table = jnp.asarray(db.log_norm_table(order), jnp.float32)  # [n_mat, K]
     ent = jnp.asarray([space.entry_of(layer, m) for layer, m in order])
     lv = jnp.asarray(idx)[:, ent]  # [P, n_mat]
-    return jnp.take_along_axis(table[None], lv[..., None], axis=2)[..., 0].sum(-1)
+    per_matrix = jnp.take_along_axis(table[None], lv[..., None], axis=2)[..., 0]
+    if reading not in ("sum", "mean"):
+        raise ValueError(f"G reading {reading!r}: expected 'sum' or 'mean'")
+    return per_matrix.sum(-1) if reading == "sum" else per_matrix.mean(-1)
 
 
 def _shared_layer_params(params: dict, layer: int) -> dict:
@@ -225,8 +234,10 @@ def fitness(
     *,
     cache: dict | None = None,
     streaming: bool = False,
+    g_reading: str = "sum",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better.
+    """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better (G read as
+    `g_reading`: see `generalization_term`).
 
     A policy that appears several times in `idx` (a converging population repeats policies) is
     run once: the distinct policies are scored in a batch padded to a power of two, so the
@@ -255,7 +266,7 @@ def fitness(
             cache.update({keys[r]: v for r, v in zip(todo, new)})
         sums += np.array([cache[k] for k in keys])
     loss = jnp.asarray(sums / max(token_count(parts), 1.0), jnp.float32)[jnp.asarray(inverse)]
-    g = generalization_term(space, db, idx)
+    g = generalization_term(space, db, idx, g_reading)
     return loss + eta * g, loss, g
 
 

@@ -89,7 +89,11 @@ def setting(
 @dataclass(frozen=True)
 class SearchSettings:
     # what to prune
-    model: str = setting("toy", "toy | tiny | an HF LLaVA directory", path=True)
+    model: str = setting(
+        "toy",
+        "toy | tiny | tiny-llama | smollm2 | an HF LLaVA or LlamaForCausalLM directory",
+        path=True,
+    )
     p0: float = setting(0.5, "target mean sparsity of the decoder linears", gt=0, lt=1)
     granularity: str = setting(
         "layer", "one sparsity per decoder layer, or per matrix", choices=("layer", "matrix")
@@ -120,6 +124,12 @@ class SearchSettings:
     eta: float = setting(0.5, "weight of the generalization term G (0: 'Auto w/o Gen')", ge=0)
     fitness_loss: str = setting(
         "lm", "lm (next-token loss) | kl (to the dense model)", choices=("lm", "kl")
+    )
+    g_reading: str = setting(
+        "sum",
+        "G over the pruned matrices: sum (the paper's log of a product; grows with depth) | "
+        "mean (per matrix; does not grow with depth, so eta needs another scale)",
+        choices=("sum", "mean"),
     )
     # search-space evolution (projector training)
     projector_steps: int = setting(20, "projector training steps per round (0: 'No Evo')", ge=0)
