@@ -67,6 +67,14 @@ LINEARS = [
 ]
 
 
+def _stack(trees: list[dict]) -> dict:
+    """Per-layer trees -> one tree of [L, ...] leaves (the project's in-memory layout)."""
+    return {
+        k: _stack([t[k] for t in trees]) if isinstance(v, dict) else np.stack([t[k] for t in trees])
+        for k, v in trees[0].items()
+    }
+
+
 def random_params(cfg: SliceConfig, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     H, F = cfg.hidden_size, cfg.intermediate_size
@@ -79,8 +87,8 @@ def random_params(cfg: SliceConfig, seed: int = 0) -> dict:
         "up_proj": (H, F),
         "down_proj": (F, H),
     }
-    layers = {}
-    for i in range(cfg.num_hidden_layers):
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
         layer = {"self_attn": {}, "mlp": {}}
         for mod, name in LINEARS:
             fan_in = shapes[name][0]
@@ -90,8 +98,9 @@ def random_params(cfg: SliceConfig, seed: int = 0) -> dict:
             layer[mod][name] = {"kernel": w}
         layer["input_layernorm"] = {"scale": np.ones(H, np.float32)}
         layer["post_attention_layernorm"] = {"scale": np.ones(H, np.float32)}
-        layers[str(i)] = layer
-    return {"language_model": {"layers": layers, "norm": {"scale": np.ones(H, np.float32)}}}
+        layers.append(layer)
+    stacked = _stack(layers)
+    return {"language_model": {"layers": stacked, "norm": {"scale": np.ones(H, np.float32)}}}
 
 
 def magnitude_prune(w: np.ndarray, sparsity: float) -> np.ndarray:
@@ -127,14 +136,14 @@ def make_pruner(kind: str, seed: int = 0):
 
 
 def pruned_params(params: dict, sparsity: float, prune) -> dict:
-    out = {"language_model": {"layers": {}, "norm": params["language_model"]["norm"]}}
-    for i, layer in params["language_model"]["layers"].items():
-        new = {k: v for k, v in layer.items() if k not in ("self_attn", "mlp")}
-        new["self_attn"], new["mlp"] = {}, {}
-        for mod, name in LINEARS:
-            new[mod][name] = {"kernel": prune(layer[mod][name]["kernel"], sparsity)}
-        out["language_model"]["layers"][i] = new
-    return out
+    stack = params["language_model"]["layers"]
+    new = {k: v for k, v in stack.items() if k not in ("self_attn", "mlp")}
+    new["self_attn"], new["mlp"] = {}, {}
+    for mod, name in LINEARS:
+        new[mod][name] = {
+            "kernel": np.stack([prune(w, sparsity) for w in stack[mod][name]["kernel"]])
+        }
+    return {"language_model": {"layers": new, "norm": params["language_model"]["norm"]}}
 
 
 def export_bare_mlp(w1: np.ndarray, w2: np.ndarray, tokens: int, path: str) -> None:
@@ -201,9 +210,9 @@ def measure_ceiling(cfg: SliceConfig, args, prune, wd: str) -> dict:
 
 def measured_sparsity(params: dict) -> float:
     z = n = 0
-    for layer in params["language_model"]["layers"].values():
-        for mod, name in LINEARS:
-            w = layer[mod][name]["kernel"]
+    stack = params["language_model"]["layers"]
+    for mod, name in LINEARS:
+        for w in stack[mod][name]["kernel"]:
             z += int(np.count_nonzero(w == 0))
             n += w.size
     return z / n

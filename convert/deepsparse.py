@@ -292,9 +292,9 @@ _LINEARS = (
 def decoder_sparsity(params: Mapping) -> float:
     """Fraction of exact zeros over the decoder's linear kernels."""
     zeros = total = 0
-    for layer in params["language_model"]["layers"].values():
-        for mod, name in _LINEARS:
-            w = np.asarray(layer[mod][name]["kernel"])
+    stack = params["language_model"]["layers"]  # every leaf stacked over the layers
+    for mod, name in _LINEARS:
+        for w in np.asarray(stack[mod][name]["kernel"]):
             zeros += int(np.count_nonzero(w == 0))
             total += w.size
     return zeros / max(total, 1)

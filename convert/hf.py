@@ -125,12 +125,24 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def key_map(config: LlavaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+STACKED = ("language_model", "layers")  # the decoder's layers, stacked [L, ...] in memory
+
+
+def key_map(
+    config: LlavaConfig,
+) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
     """HF key (hub layout; LlamaForCausalLM's for a text-only config) -> (parameter path,
-    HF shape), for every parameter of `config`."""
+    layer index in the stack or None, HF shape), for every parameter of `config`. A decoder
+    layer's weight is one HF tensor per layer (`model.layers.N.*`) and one stacked leaf here."""
     shapes = param_shapes(config)
-    t = config.is_text_only
-    return {_hf_key(p, t): (p, _hf_shape(p, s.shape)) for p, s in _flatten(shapes)}
+    t, out = config.is_text_only, {}
+    for p, s in _flatten(shapes):
+        if p[:2] != STACKED:
+            out[_hf_key(p, t)] = (p, None, _hf_shape(p, s.shape))
+            continue
+        for i in range(s.shape[0]):
+            out[_hf_key((*STACKED, str(i), *p[2:]), t)] = (p, i, _hf_shape(p, s.shape[1:]))
+    return out
 
 
 def _head_key(config: LlavaConfig) -> str:
@@ -222,7 +234,8 @@ def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dic
                 f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)"
             )
         params: dict = {}
-        for ck, (p, hf_shape) in expected.items():
+        layers: dict[tuple[str, ...], list] = {}  # stacked path -> its per-layer arrays
+        for ck, (p, i, hf_shape) in expected.items():
             fname, k = found[ck]
             fpath = os.path.join(path, fname)
             try:
@@ -235,7 +248,14 @@ def load_hf_llava(path: str | os.PathLike, dtype=None) -> tuple[LlavaConfig, dic
                 )
             _check_values(fpath, k, x)
             x = _from_hf(p, x)
-            _set(params, p, x if dtype is None else x.astype(dtype))
+            x = x if dtype is None else x.astype(dtype)
+            if i is None:
+                _set(params, p, x)
+            else:
+                layers.setdefault(p, []).append(x)  # key_map lists layers in order
+        for p, xs in layers.items():
+            _set(params, p, jnp.stack(xs))
+            xs.clear()
     finally:
         handles.clear()
     return config, params
@@ -279,16 +299,16 @@ def _hf_tensors(config: LlavaConfig, params: dict) -> dict:
     """Hub-layout key -> HF-shaped tensor; an error when params and config disagree."""
     expected = key_map(config)
     flat = dict(_flatten(params))
-    paths, t = {v[0] for v in expected.values()}, config.is_text_only
-    missing = sorted(_hf_key(p, t) for p in paths - set(flat))
-    extra = sorted(_hf_key(p, t) for p in set(flat) - paths)
+    paths = {v[0] for v in expected.values()}
+    missing = sorted("/".join(p) for p in paths - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - paths)
     if missing or extra:
         raise CheckpointError(
             f"params do not match the config: missing {missing[:3]}, extra {extra[:3]}"
         )
     tensors = {}
-    for key, (p, hf_shape) in expected.items():
-        x = jnp.asarray(flat[p])
+    for key, (p, i, hf_shape) in expected.items():
+        x = jnp.asarray(flat[p] if i is None else flat[p][i])
         if _hf_shape(p, x.shape) != hf_shape:
             raise CheckpointError(
                 f"param {'/'.join(p)} has shape {x.shape}, config implies another"

@@ -21,6 +21,7 @@ from ellava_jax.data import prompt as T
 from ellava_jax.data.images import pixel_values
 from ellava_jax.model.llama import (
     attention_mask_4d,
+    layer_params,
     layer_with_attention,
     positions_from_mask,
     rope_cos_sin,
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     cos, sin = rope_cos_sin(pos, config.text.head_dim, config.text.rope_theta, h.dtype)
     mask = attention_mask_4d(jnp.asarray(b["attention_mask"]), length, 0)
     for layer in range(config.text.num_hidden_layers):
-        weights = params["language_model"]["layers"][str(layer)]
+        weights = layer_params(params, layer)
         h, probs = layer_with_attention(config.text, weights, h, cos, sin, mask)
         probs = np.asarray(probs)
         last = probs[..., -1, :].reshape(len(picked), -1, length)  # [B, heads, T]

@@ -29,12 +29,10 @@ def test_hf_round_trip_through_transformers_config(tmp_path):
 def test_7b_preset_has_the_hf_parameter_count_without_allocating():
     config = get_preset("llava-1.5-7b")
     assert _n_params(config) == 7_063_427_072
-    lm = param_shapes(config)["language_model"]["layers"]
+    lm = param_shapes(config)["language_model"]["layers"]  # stacked over the 32 layers
+    assert lm["self_attn"]["q_proj"]["kernel"].shape == (32, 4096, 4096)
     linears = sum(
-        np.prod(m[name]["kernel"].shape)
-        for layer in lm.values()
-        for m in (layer["self_attn"], layer["mlp"])
-        for name in m
+        np.prod(m[name]["kernel"].shape) for m in (lm["self_attn"], lm["mlp"]) for name in m
     )
     assert linears == 6_476_005_376  # the 224 decoder linear weights
 

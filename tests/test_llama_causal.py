@@ -191,11 +191,10 @@ def test_param_tree_is_the_llava_tree_without_the_image_stages():
     assert set(shapes) == {"language_model"}  # tied: no lm_head
     lm = shapes["language_model"]
     assert set(lm) == {"embed_tokens", "layers", "norm"}
-    assert sorted(lm["layers"]) == ["0", "1"]
-    attn = lm["layers"]["0"]["self_attn"]
+    attn = lm["layers"]["self_attn"]  # stacked over the 2 layers
     t = cfg.text
-    assert attn["q_proj"]["kernel"].shape == (t.hidden_size, t.num_attention_heads * t.head_dim)
-    assert attn["k_proj"]["kernel"].shape == (t.hidden_size, t.num_key_value_heads * t.head_dim)
+    assert attn["q_proj"]["kernel"].shape == (2, t.hidden_size, t.num_attention_heads * t.head_dim)
+    assert attn["k_proj"]["kernel"].shape == (2, t.hidden_size, t.num_key_value_heads * t.head_dim)
     # the same language_model subtree as a LLaVA with this decoder
     llava = param_shapes(dataclasses.replace(get_preset("tiny"), text=t))
     assert jax.tree_util.tree_map(lambda s: s.shape, llava["language_model"]) == (

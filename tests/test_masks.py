@@ -11,7 +11,7 @@ from ellava_jax.prune.masks import (
     MATRICES,
     apply_masks,
     decoder_linears,
-    get_path,
+    get_kernel,
     kernel_path,
     load_masks,
     masks_from_params,
@@ -28,8 +28,8 @@ def _random_masks(config, params, rate, seed=0):
     from ellava_jax.prune.masks import set_path
 
     for layer, m in decoder_linears(config):
-        p = kernel_path(layer, m)
-        masks = set_path(masks, p, rng.random(get_path(params, p).shape) >= rate)
+        shape = get_kernel(params, layer, m).shape  # a mask tree names layers one by one
+        masks = set_path(masks, kernel_path(layer, m), rng.random(shape) >= rate)
     return masks
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
+from ellava_jax.model.llama import layer_params, stack_layers
+
 ort = pytest.importorskip("onnxruntime")
 
 from convert import onnx as conv  # noqa: E402
@@ -52,27 +54,29 @@ def make_params(cfg, seed=0, sparsity=0.5):
     def norm(n):
         return {"scale": (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)}
 
-    layers = {}
-    for i in range(cfg.num_hidden_layers):
-        layers[str(i)] = {
-            "self_attn": {
-                "q_proj": lin(H, H),
-                "k_proj": lin(H, kvd),
-                "v_proj": lin(H, kvd),
-                "o_proj": lin(H, H),
-            },
-            "mlp": {
-                "gate_proj": lin(H, inter),
-                "up_proj": lin(H, inter),
-                "down_proj": lin(inter, H),
-            },
-            "input_layernorm": norm(H),
-            "post_attention_layernorm": norm(H),
-        }
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        layers.append(
+            {
+                "self_attn": {
+                    "q_proj": lin(H, H),
+                    "k_proj": lin(H, kvd),
+                    "v_proj": lin(H, kvd),
+                    "o_proj": lin(H, H),
+                },
+                "mlp": {
+                    "gate_proj": lin(H, inter),
+                    "up_proj": lin(H, inter),
+                    "down_proj": lin(inter, H),
+                },
+                "input_layernorm": norm(H),
+                "post_attention_layernorm": norm(H),
+            }
+        )
     params = {
         "language_model": {
             "embed_tokens": {"embedding": rng.standard_normal((V, H)).astype(np.float32)},
-            "layers": layers,
+            "layers": stack_layers(layers),  # numpy, stacked [L, ...] as in memory
             "norm": norm(H),
         }
     }
@@ -108,7 +112,7 @@ def ref_forward(cfg, params, embeds, mask):
     h = embeds.astype(np.float64)
     cache = []
     for i in range(cfg.num_hidden_layers):
-        p = lm["layers"][str(i)]
+        p = layer_params(params, i)
         a = p["self_attn"]
         x = _rms(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps)
         q = (x @ a["q_proj"]["kernel"]).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)
@@ -180,7 +184,7 @@ def test_versions_and_zeros(setup):
                 ("self_attn", "k_proj"),
                 ("mlp", "down_proj"),
             ]:
-                w = params["language_model"]["layers"][str(i)][mod][name]["kernel"]
+                w = layer_params(params, i)[mod][name]["kernel"]
                 got = inits[f"language_model.layers.{i}.{mod}.{name}.kernel"]
                 assert got.shape == w.shape  # [in, out], no transpose
                 np.testing.assert_array_equal(got == 0, w == 0)
@@ -583,10 +587,11 @@ def test_decoder_prefill_matches_flax_decode():
     )
     assert _valid_max_diff(got["logits"], np.asarray(ref), mask) <= TOL
     sel = mask.astype(bool)
-    for i, c in enumerate(caches):  # Flax caches are [B, S, n_kv, hd]; ONNX [B, n_kv, S, hd]
+    for i in range(cfg.text.num_hidden_layers):
+        # Flax caches are stacked [L, B, S, n_kv, hd]; ONNX's per layer [B, n_kv, S, hd]
         for name, key in (("key", "k"), ("value", "v")):
             o = got[f"present.{i}.{name}"].transpose(0, 2, 1, 3)
-            assert np.abs(o - np.asarray(c[key]))[sel].max() <= TOL
+            assert np.abs(o - np.asarray(caches[key][i]))[sel].max() <= TOL
 
 
 def test_onnx_greedy_generation_matches_flax_generate():

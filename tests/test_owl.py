@@ -25,9 +25,10 @@ from convert.hf import load_hf_llava
 from ellava_jax.cli import main
 from ellava_jax.commands import prune as prune_command
 from ellava_jax.errors import UserError
+from ellava_jax.model.llama import layer_params
 from ellava_jax.prune import owl
 from ellava_jax.prune.hessian import GROUPS, MATRIX_GROUP, build_calibration_set, calibrate
-from ellava_jax.prune.masks import MATRICES, get_path, kernel_path
+from ellava_jax.prune.masks import MATRICES, get_kernel, get_path, kernel_path
 from tests.conftest import hf_model, tiny_config
 
 torch = pytest.importorskip("torch")
@@ -160,7 +161,7 @@ def test_rescaling_and_ratio_invariants(setup):
     with pytest.raises(UserError, match="lambda"):
         owl.owl_from_ratios([0.0, 1.0], 0.5, -0.1)
     # a factor common to the layer leaves its ratio unchanged; one group's factor does not
-    lp = params["language_model"]["layers"]["0"]
+    lp = layer_params(params, 0)
     rng = np.random.default_rng(1)
     norms = {
         g: rng.gamma(1.0, size=get_path(lp, kernel_path(0, GROUPS[g][0])[3:]).shape[0]).astype(
@@ -210,7 +211,7 @@ def test_prune_cli_owl_on_the_toy(tmp_path, capsys):
     for i, row in enumerate(rep["sparsity"]["layers"]):
         assert abs(row["layer"] - sp[i]) < 0.005, i
     _, params = load_hf_llava(out)
-    w = np.asarray(get_path(params, kernel_path(3, "mlp.down_proj")))
+    w = np.asarray(get_kernel(params, 3, "mlp.down_proj"))
     assert abs(np.mean(w == 0) - sp[3]) < 0.005
 
 

@@ -10,11 +10,11 @@ import pytest
 
 from convert.hf import load_hf_llava
 from ellava_jax.cli import main
-from ellava_jax.prune.masks import MATRICES, get_path, kernel_path, load_masks
+from ellava_jax.prune.masks import MATRICES, get_kernel, get_path, kernel_path, load_masks
 
 
 def _zeros(params, layer, m):
-    return float(np.mean(np.asarray(get_path(params, kernel_path(layer, m))) == 0))
+    return float(np.mean(np.asarray(get_kernel(params, layer, m)) == 0))
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
@@ -43,7 +43,7 @@ def test_prune_writes_a_loadable_model_masks_and_summary(tmp_path, method):
     masks = load_masks(str(out / "masks.npz"))
     k = kernel_path(1, "mlp.down_proj")
     np.testing.assert_array_equal(
-        np.asarray(get_path(masks, k)), np.asarray(get_path(params, k)) != 0
+        np.asarray(get_path(masks, k)), np.asarray(get_kernel(params, 1, "mlp.down_proj")) != 0
     )
     rep = json.loads((out / "sparsity.json").read_text())
     assert rep["method"] == method and abs(rep["sparsity"]["overall"] - 0.5) < 0.01
@@ -100,7 +100,7 @@ def test_policy_and_nm(tmp_path):
         == 0
     )
     _, params = load_hf_llava(out)
-    w = np.asarray(get_path(params, kernel_path(0, "self_attn.o_proj")))  # [in, out]
+    w = np.asarray(get_kernel(params, 0, "self_attn.o_proj"))  # [in, out]
     groups = (w.reshape(-1, 4, w.shape[1]) == 0).sum(1)  # 4 consecutive inputs per output
     assert (groups >= 2).all()
 

@@ -15,6 +15,7 @@ from ellava_jax.config import get_preset
 from ellava_jax.model import init_params
 from ellava_jax.prune.database import build_database
 from ellava_jax.prune.hessian import build_calibration_set
+from ellava_jax.prune.masks import decoder_linears
 from ellava_jax.search.evolve import SearchInterrupted, evolve
 from ellava_jax.search.fitness import fitness, loop_losses, population_losses
 from ellava_jax.search.policy import PolicySpace
@@ -82,9 +83,9 @@ def tiny_search():
 def test_database_counts_levels_times_matrices(tiny_search):
     config, params, settings, space, db, fb = tiny_search
     assert db.pruner_calls == 5 * 7 * config.text.num_hidden_layers
-    for key, stack in db.kernels.items():
-        sp = (np.asarray(stack) == 0).reshape(5, -1).mean(1)
-        np.testing.assert_allclose(sp, space.levels, atol=0.02, err_msg=str(key))
+    for layer, m in decoder_linears(config):
+        sp = (np.asarray(db.kernel(layer, m)) == 0).reshape(5, -1).mean(1)
+        np.testing.assert_allclose(sp, space.levels, atol=0.02, err_msg=f"{layer}.{m}")
 
 
 def test_vmapped_fitness_equals_the_python_loop(tiny_search):

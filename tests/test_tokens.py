@@ -23,8 +23,11 @@ from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     RMSNorm,
     attention_mask_4d,
+    layer_params,
     positions_from_mask,
     rope_cos_sin,
+    unstack_layers,
+    with_layers,
 )
 from ellava_jax.tokens.apply import (
     attention,
@@ -43,10 +46,9 @@ def tiny_model():
     config = tiny_config()
     params = init_params(config, jax.random.key(0))
     # Sharper attention than the 0.02-std init gives, so token rankings have no near-ties.
-    layers = params["language_model"]["layers"]
-    for p in layers.values():
-        for name in ("q_proj", "k_proj"):
-            p["self_attn"][name]["kernel"] = p["self_attn"][name]["kernel"] * 12.0
+    attn = params["language_model"]["layers"]["self_attn"]  # stacked over the layers
+    for name in ("q_proj", "k_proj"):
+        attn[name]["kernel"] = attn[name]["kernel"] * 12.0
     return config, params
 
 
@@ -94,9 +96,7 @@ def _reference(config, params, ids, mask, pix, keep, alive_per_layer=None):
             alive = alive_per_layer[layer]
         entering.append(alive.copy())
         m = attention_mask_4d(jnp.asarray(alive), h.shape[1], 0)
-        h, state = _layer_with_probs(
-            cfg, params["language_model"]["layers"][str(layer)], h, cos, sin, m
-        )
+        h, state = _layer_with_probs(cfg, layer_params(params, layer), h, cos, sin, m)
         if alive_per_layer is not None:
             continue
         probs = np.asarray(state["intermediates"]["self_attn"]["attn_probs"][0])
@@ -170,7 +170,7 @@ def test_first_layer_keeps_the_tokens_text_attends_to_most(tiny_model):
     ids, mask, pix = prompt_batch(config, images_per_row=(1,), pad=(0,), seed=4)
     _, state = _layer_with_probs(
         config.text,
-        params["language_model"]["layers"]["0"],
+        layer_params(params, 0),
         embed_inputs(config, params, jnp.asarray(ids), jnp.asarray(pix)),
         *rope_cos_sin(
             positions_from_mask(jnp.asarray(mask)), 16, config.text.rope_theta, jnp.float32
@@ -196,7 +196,7 @@ def test_first_layer_keeps_the_tokens_text_attends_to_most(tiny_model):
 def test_attention_matches_the_model_module(tiny_model):
     config, params = tiny_model
     ids, mask, pix = _batch(config)
-    p = params["language_model"]["layers"]["1"]
+    p = layer_params(params, 1)
     h = embed_inputs(config, params, jnp.asarray(ids), jnp.asarray(pix))
     cos, sin = rope_cos_sin(positions_from_mask(jnp.asarray(mask)), 16, 10000.0, h.dtype)
     m = attention_mask_4d(jnp.asarray(mask), ids.shape[1])
@@ -420,9 +420,8 @@ def test_sparse_flops_equal_a_nonzero_count(tiny_model):
     """With sparse kernels, each linear costs 2 x tokens x nonzeros (what a sparse kernel does)."""
     config, params = tiny_model
     rng = np.random.default_rng(0)
-    layers = params["language_model"]["layers"]
     sparse_layers = {}
-    for i, p in layers.items():
+    for i, p in enumerate(unstack_layers(params)):
         sp = {}
         for group in ("self_attn", "mlp"):
             sp[group] = {}
@@ -432,7 +431,7 @@ def test_sparse_flops_equal_a_nonzero_count(tiny_model):
                 keep_mask = rng.permutation(k.size) >= round(s * k.size)
                 sp[group][name] = {"kernel": jnp.asarray(k * keep_mask.reshape(k.shape))}
         sparse_layers[i] = {**p, **sp}
-    sparse = {**params, "language_model": {**params["language_model"], "layers": sparse_layers}}
+    sparse = with_layers(params, [sparse_layers[i] for i in range(len(sparse_layers))])
     sparsity = sparsity_of_params(config, sparse)
     n_in, n_out = 30, 20
     for i, p in sparse_layers.items():

@@ -61,6 +61,13 @@ def _repeat_kv(g: _Graph, x: str, d: _Dims) -> str:
     return g.op("Reshape", x, g.const([0, d.n_heads, -1, d.head_dim]))
 
 
+def _layer(stack: Mapping, i: int) -> dict:
+    """Layer i's tree out of the stacked decoder layers (every leaf [L, ...])."""
+    return {
+        k: _layer(v, i) if isinstance(v, Mapping) else np.asarray(v[i]) for k, v in stack.items()
+    }
+
+
 def _decoder_layers(
     g: _Graph,
     lm: Mapping,
@@ -75,7 +82,7 @@ def _decoder_layers(
     scale = g.const(1.0 / np.sqrt(d.head_dim), np.float32)
     half = d.head_dim // 2
     for i in range(d.n_layers):
-        p = lm["layers"][str(i)]
+        p = _layer(lm["layers"], i)
         pre = f"language_model.layers.{i}"
         x = g.rms_norm(h, pre + ".input_layernorm", p["input_layernorm"]["scale"], d.eps)
         att = p["self_attn"]

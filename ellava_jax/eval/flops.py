@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ellava_jax.config import LlavaConfig, TextConfig
-from ellava_jax.prune.masks import MATRICES, kernel_path
+from ellava_jax.prune.masks import MATRICES, get_kernel
 
 LINEARS = tuple(m.split(".")[1] for m in MATRICES)  # q_proj ... down_proj
 PARTS = (
@@ -156,9 +156,7 @@ def sparsity_of_params(config: LlavaConfig, params: dict) -> dict[int, dict[str,
     for layer in range(config.text.num_hidden_layers):
         out[layer] = {}
         for m in MATRICES:
-            w = params
-            for k in kernel_path(layer, m):
-                w = w[k]
+            w = get_kernel(params, layer, m)
             out[layer][m.split(".")[1]] = float(np.mean(np.asarray(w) == 0))
     return out
 

@@ -1,9 +1,12 @@
 """LLaMA decoder in Flax linen, computing what HF `LlamaModel` computes, with an explicit KV cache.
 
 Parameter names follow HF (`self_attn.q_proj`, `mlp.gate_proj`, ...); every linear is one
-`[in, out]` kernel. Each decoder layer `sow`s the inputs of its linears into the
-`intermediates` collection (`attn_in`, `o_in`, `mlp_in`, `down_in`), which calibration reads;
-sowing is free when the collection is not mutable.
+`[in, out]` kernel. The decoder layers run as one scanned `LlamaDecoderLayer` (`scanned_layers`):
+their parameters are stacked over the layers, `params["language_model"]["layers"]` being one
+layer's tree with [L, ...] leaves (`layer_params`, `unstack_layers`, `with_layers` read and
+write it). Each decoder layer `sow`s the inputs of its linears into the `intermediates`
+collection (`attn_in`, `o_in`, `mlp_in`, `down_in`), which calibration reads; sowing is free
+when the collection is not mutable.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ellava_jax.config import TextConfig
 
-Cache = dict  # {"k": [B, S, n_kv, hd], "v": [B, S, n_kv, hd]} per layer
+Cache = dict  # {"k": [B, S, n_kv, hd], "v": [B, S, n_kv, hd]} (one layer); [L, ...] stacked
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -136,33 +140,34 @@ def layer_with_attention(cfg: TextConfig, layer_params: dict, h, cos, sin, mask)
     return out, state["intermediates"]["self_attn"]["attn_probs"][0]
 
 
-class _Layers(nn.Module):
-    """Holds the decoder layers under the names "0", "1", ... as HF's state dict does."""
-
-    cfg: TextConfig
-
-    @nn.compact
-    def __call__(self, h, cos, sin, mask, caches=None, cache_index=0):
-        new_caches = []
-        for i in range(self.cfg.num_hidden_layers):
-            cache = None if caches is None else caches[i]
-            h, cache = LlamaDecoderLayer(self.cfg, name=str(i))(
-                h, cos, sin, mask, cache, cache_index
-            )
-            new_caches.append(cache)
-        return h, (None if caches is None else new_caches)
+def scanned_layers(cfg: TextConfig, name: str = "layers", remat: bool = False):
+    """Every decoder layer as one `LlamaDecoderLayer` under `nn.scan`: its parameters (and sown
+    intermediates, and KV caches) are stacked over the layers on axis 0, so the program holds
+    one layer whatever the depth. Called as `(h, cos, sin, mask, caches, cache_index)` ->
+    `(h, caches)`; `caches` is None or a dict of [L, B, S, n_kv, hd] arrays (`init_cache`).
+    `remat`: recompute each layer's activations in the backward pass (`jax.checkpoint`)."""
+    layer = nn.remat(LlamaDecoderLayer) if remat else LlamaDecoderLayer
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=cfg.num_hidden_layers,
+    )(cfg, name=name)
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm. `__call__` takes `inputs_embeds`."""
+    """Embedding, decoder layers (scanned: parameters stacked [L, ...]), final norm.
+    `__call__` takes `inputs_embeds`."""
 
     cfg: TextConfig
+    remat: bool = False
 
     def setup(self):
         self.embed_tokens = nn.Embed(
             self.cfg.vocab_size, self.cfg.hidden_size, embedding_init=_INIT, name="embed_tokens"
         )
-        self.layers = _Layers(self.cfg, name="layers")
+        self.layers = scanned_layers(self.cfg, remat=self.remat)
         self.norm = RMSNorm(self.cfg.rms_norm_eps, name="norm")
 
     def embed(self, input_ids):
@@ -202,9 +207,58 @@ def positions_from_mask(attention_mask):
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
-def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> list[Cache]:
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        for _ in range(cfg.num_hidden_layers)
-    ]
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> Cache:
+    """Empty KV caches of every layer, stacked: {"k", "v"} of [L, B, S, n_kv, hd]."""
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked layout: params["language_model"]["layers"] holds one layer's tree with every leaf
+# stacked over the layers on axis 0. These read and write it; nothing else indexes the stack.
+
+
+def decoder_stack(params: dict) -> dict:
+    """The stacked decoder-layer tree of a full parameter tree."""
+    return params["language_model"]["layers"]
+
+
+@jax.jit
+def _take_layer(stack, i):
+    """Row i of every leaf; i is traced, so one program serves every layer."""
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
+
+
+def _take(stack, i: int) -> dict:
+    if isinstance(i, int) and all(
+        isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(stack)
+    ):
+        return jax.tree_util.tree_map(lambda x: x[i], stack)  # on the host: a view, no copy
+    return _take_layer(stack, i)
+
+
+def layer_params(params: dict, i) -> dict:
+    """Decoder layer i's own tree (every leaf sliced out of the stack)."""
+    return _take(decoder_stack(params), i)
+
+
+def unstack_layers(params: dict) -> list[dict]:
+    """Every decoder layer's own tree, in order."""
+    stack = decoder_stack(params)
+    n = jax.tree_util.tree_leaves(stack)[0].shape[0]
+    return [_take(stack, i) for i in range(n)]
+
+
+def stack_layers(layers: list[dict]):
+    """Per-layer trees -> the stacked tree (numpy leaves stay numpy)."""
+
+    def stack(*xs):
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+    return jax.tree_util.tree_map(stack, *layers)
+
+
+def with_layers(params: dict, layers) -> dict:
+    """`params` with its decoder layers replaced: a list of per-layer trees, or a stacked tree."""
+    stack = stack_layers(layers) if isinstance(layers, list | tuple) else layers
+    return dict(params, language_model=dict(params["language_model"], layers=stack))

@@ -1,7 +1,7 @@
 """The level database: every decoder linear pruned once per grid level, with dense Hessians.
 
 A search candidate is then assembled by lookup: its kernel for (layer, matrix) is
-`kernels[(layer, matrix)][level]`. No candidate ever re-runs OBS; building the database takes
+`stacks[matrix][layer, level]` (`kernel(layer, matrix, level)`). No candidate ever re-runs OBS; building the database takes
 levels x matrices OBS prunings (a level of 0 stores the dense kernel without one); the levels
 of one matrix run as one vmapped call, sharing the factorisation of its Hessian.
 
@@ -29,19 +29,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LevelDatabase:
-    """Pruned kernels per (layer, matrix), stacked over levels: [K, in, out]."""
+    """Pruned kernels per matrix, stacked over layers and levels: [L, K, in, out] (the layout
+    of the scanned decoder: a scan over layers hands each step one layer's [K, in, out])."""
 
     levels: np.ndarray
-    kernels: dict[tuple[int, str], jax.Array | np.ndarray]
+    stacks: dict[str, jax.Array | np.ndarray]  # matrix -> [L, K, in, out]
     # log(||W_level||_F / ||W_dense||_F) per (layer, matrix): [K]
     log_norm_ratio: dict[tuple[int, str], np.ndarray]
     pruner_calls: int = 0
     seconds: float = 0.0
     per_layer_seconds: list = field(default_factory=list)
 
+    @property
+    def n_matrices(self) -> int:
+        return len(self.log_norm_ratio)
+
+    def kernel(self, layer: int, matrix: str, level: int | None = None):
+        """One matrix's [K, in, out] level stack, or its [in, out] kernel at `level`."""
+        stack = self.stacks[matrix][layer]
+        return stack if level is None else stack[level]
+
     def layer_kernels(self, layer: int) -> dict[str, jax.Array]:
         """The seven [K, in, out] stacks of one layer (moved to the device if on host)."""
-        return {m: jnp.asarray(self.kernels[(layer, m)]) for m in MATRICES}
+        return {m: jnp.asarray(self.stacks[m][layer]) for m in MATRICES}
+
+    def device_stacks(self) -> dict[str, jax.Array]:
+        """Every [L, K, in, out] stack on the device (copied there when on host)."""
+        return {m: jnp.asarray(x) for m, x in self.stacks.items()}
 
     def log_norm_table(self, order: list[tuple[int, str]]) -> np.ndarray:
         """[n_matrices, K] table of log norm ratios, rows in `order`."""
@@ -79,7 +93,7 @@ def build_database(
     if where not in ("device", "host"):
         raise ValueError(f"database storage {where!r}: expected 'device' or 'host'")
     levels = np.asarray(levels, np.float64)
-    kernels, norms = {}, {}
+    kernels, norms = {m: [] for m in MATRICES}, {}
     calls = 0
     t_start = time.perf_counter()
     per_layer = []
@@ -90,7 +104,7 @@ def build_database(
         nonlocal calls
         t0 = time.perf_counter()
         for m in MATRICES:
-            w = get_path(lp, kernel_path(i, m)[3:])
+            w = get_path(lp, kernel_path(i, m)[3:])  # lp: layer i's own tree
             dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
             # every level of one matrix in one call: the Hessian's factorisation is shared
             sp = jnp.asarray(pruned_levels, jnp.float32)
@@ -100,19 +114,24 @@ def build_database(
             flat = stack.astype(jnp.float32).reshape(len(levels), -1)
             ratios = jnp.linalg.norm(flat, axis=1) / dense_norm
             norms[(i, m)] = np.log(np.maximum(np.asarray(ratios, np.float64), 1e-30))
-            kernels[(i, m)] = stack if where == "device" else np.asarray(stack)
+            kernels[m].append(stack if where == "device" else np.asarray(stack))
         per_layer.append(time.perf_counter() - t0)
         return None  # dense mode: the model is not changed
 
     calibrate(
         config, params, calib, on_layer, mode="dense", batch_size=batch_size, progress=progress
     )
-    db = LevelDatabase(levels, kernels, norms, calls, time.perf_counter() - t_start, per_layer)
+    stack = jnp.stack if where == "device" else np.stack
+    stacks = {}
+    for m in MATRICES:  # one matrix at a time: the transient copy is one matrix's levels
+        stacks[m] = stack(kernels[m])
+        kernels[m].clear()
+    db = LevelDatabase(levels, stacks, norms, calls, time.perf_counter() - t_start, per_layer)
     log.info(
         "level database: %d OBS calls (%d levels x %d matrices, dense levels skipped) in %.1f s",
         calls,
         len(levels),
-        len(kernels),
+        db.n_matrices,
         db.seconds,
     )
     return db

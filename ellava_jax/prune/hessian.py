@@ -31,6 +31,8 @@ from ellava_jax.model.llama import (
     attention_mask_4d,
     positions_from_mask,
     rope_cos_sin,
+    unstack_layers,
+    with_layers,
 )
 from ellava_jax.model.llava import embed_inputs
 
@@ -196,20 +198,19 @@ def calibrate(
     h = calib.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
     mask = calib.attention_mask
     positions = positions_from_mask(mask)
-    layers = dict(params["language_model"]["layers"])
+    layers, changed = unstack_layers(params), False
     bar = tqdm(
         range(cfg.num_hidden_layers), desc=f"calibrate ({mode})", disable=not progress, unit="layer"
     )
     for i in bar:
-        lp = layers[str(i)]
+        lp = layers[i]
         hess, dense_out = layer_hessians(cfg, lp, h, mask, positions, batch_size)
         new = on_layer(i, lp, hess)
         if new is not None:
-            layers[str(i)] = new
+            layers[i], changed = new, True
         if mode == "sequential" and new is not None:
             h = layer_outputs(cfg, new, h, mask, positions, batch_size)
         else:
             h = dense_out
         del hess
-    lm = dict(params["language_model"], layers=layers)
-    return dict(params, language_model=lm)
+    return with_layers(params, layers) if changed else params

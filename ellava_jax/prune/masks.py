@@ -1,8 +1,9 @@
 """Masks over the decoder's linear weights, sparsity summaries, and policies -> per-matrix ratios.
 
-A mask tree has the same paths as the parameter tree but holds only the pruned kernels
-(`language_model/layers/<i>/{self_attn,mlp}/<name>/kernel`), each a boolean array shaped like the
-kernel, True where the weight is kept. Everything else in the model stays dense.
+A mask tree holds only the pruned kernels, one per layer
+(`language_model/layers/<i>/{self_attn,mlp}/<name>/kernel`, as in masks.npz), each a boolean
+array shaped like the kernel, True where the weight is kept; the parameter tree holds the same
+kernels stacked over the layers (`get_kernel`). Everything else in the model stays dense.
 """
 
 from __future__ import annotations
@@ -32,9 +33,21 @@ MATRICES = (
 
 
 def kernel_path(layer: int, matrix: str) -> tuple[str, ...]:
-    """Path of one decoder linear's kernel in the parameter tree."""
+    """Path of one decoder linear's kernel in a mask tree (and masks.npz); `[3:]` is its path
+    inside one layer's tree. The parameter tree stacks the layers: read it by `get_kernel`."""
     module, name = matrix.split(".")
     return ("language_model", "layers", str(layer), module, name, "kernel")
+
+
+def get_kernel(params: Mapping, layer: int, matrix: str):
+    """One decoder linear's [in, out] kernel, out of the stacked decoder layers."""
+    return get_path(params, _stacked_path(matrix))[layer]
+
+
+def _stacked_path(matrix: str) -> tuple[str, ...]:
+    """Path of a matrix's kernel stack [L, in, out] in the parameter tree."""
+    p = kernel_path(0, matrix)
+    return (*p[:2], *p[3:])
 
 
 def decoder_linears(config: LlavaConfig) -> Iterator[tuple[int, str]]:
@@ -88,20 +101,30 @@ def _iter_leaves(tree: Mapping, prefix=()) -> Iterator[tuple[tuple[str, ...], ob
 
 
 def apply_masks(params: dict, masks: Mapping) -> dict:
-    """params with every masked kernel multiplied by its mask (zeros exactly where False)."""
+    """params with every masked kernel multiplied by its mask (zeros exactly where False).
+    A mask tree names decoder layers one by one (`kernel_path`); their kernels are rows of the
+    stacked decoder (`get_kernel`)."""
     out = params
+    per_stack: dict[tuple[str, ...], dict[int, object]] = {}
     for path, m in _iter_leaves(masks):
+        if path[:2] == ("language_model", "layers"):
+            per_stack.setdefault((*path[:2], *path[3:]), {})[int(path[2])] = m
+            continue
         w = get_path(params, path)
         out = set_path(out, path, jnp.where(m, w, jnp.zeros((), w.dtype)))
+    for path, rows in per_stack.items():
+        w = get_path(params, path)
+        full = [rows.get(i, jnp.ones(w.shape[1:], bool)) for i in range(w.shape[0])]
+        out = set_path(out, path, jnp.where(jnp.stack(full), w, jnp.zeros((), w.dtype)))
     return out
 
 
 def masks_from_params(config: LlavaConfig, params: dict) -> dict:
-    """The mask tree implied by the zeros of the decoder linears."""
+    """The mask tree implied by the zeros of the decoder linears (one entry per layer and
+    matrix, the layout of masks.npz)."""
     masks: dict = {}
     for layer, m in decoder_linears(config):
-        p = kernel_path(layer, m)
-        masks = set_path(masks, p, get_path(params, p) != 0)
+        masks = set_path(masks, kernel_path(layer, m), get_kernel(params, layer, m) != 0)
     return masks
 
 
@@ -261,7 +284,7 @@ def sparsity_summary(config: LlavaConfig, params: dict) -> dict:
         row = {}
         z_l = n_l = 0
         for m in MATRICES:
-            w = get_path(params, kernel_path(layer, m))
+            w = get_kernel(params, layer, m)
             z = int(jnp.sum(w == 0))
             row[m] = z / w.size
             z_l, n_l = z_l + z, n_l + w.size

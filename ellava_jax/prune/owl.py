@@ -31,6 +31,7 @@ import numpy as np
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import UserError
+from ellava_jax.model import llama
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import MATRICES, get_path, kernel_path
 
@@ -138,18 +139,19 @@ def owl_outlier_ratios(
     """
     if m <= 0:
         raise UserError(f"OWL's M is {m}; expected a positive number (default {DEFAULT_M:g})")
-    layers = params["language_model"]["layers"]
     n = config.text.num_hidden_layers
     if input_norms is not None:
         if len(input_norms) != n:
             raise ValueError(f"input_norms: {len(input_norms)} layers, the model has {n}")
-        return [layer_outlier_ratio(layers[str(i)], input_norms[i], m) for i in range(n)]
+        return [
+            layer_outlier_ratio(llama.layer_params(params, i), input_norms[i], m) for i in range(n)
+        ]
     if calib is None:
         raise UserError("OWL needs calibration data (proxy samples) for its input norms")
     ratios: list[float] = []
 
-    def on_layer(i, layer_params, hessians):
-        ratios.append(layer_outlier_ratio(layer_params, hessian_input_norms(hessians), m))
+    def on_layer(i, lp, hessians):
+        ratios.append(layer_outlier_ratio(lp, hessian_input_norms(hessians), m))
 
     calibrate(
         config, params, calib, on_layer, mode="dense", batch_size=batch_size, progress=progress

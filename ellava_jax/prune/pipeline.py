@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import UserError
+from ellava_jax.model.llama import unstack_layers, with_layers
 from ellava_jax.prune import baselines
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import (
@@ -116,12 +117,11 @@ def prune_model(
     stats = PruneStats(method)
     t0 = time.perf_counter()
     if method == "magnitude":
-        layers = dict(params["language_model"]["layers"])
-        for layer in range(config.text.num_hidden_layers):
-            layers[str(layer)] = prune_layer(
-                method, layer, layers[str(layer)], None, sparsities, nm, stats
-            )
-        params = dict(params, language_model=dict(params["language_model"], layers=layers))
+        layers = [
+            prune_layer(method, i, lp, None, sparsities, nm, stats)
+            for i, lp in enumerate(unstack_layers(params))
+        ]
+        params = with_layers(params, layers)
     else:
         if calib is None:
             raise UserError(f"method {method!r} needs calibration data (proxy samples)")

@@ -6,10 +6,12 @@ J(alpha) = L_proxy(alpha) + eta * G(alpha), minimised, where
   G        sum over pruned matrices of log(||W_i * M_i(alpha)||_F / ||W_i||_F), read from the
            database's norm table (the log of the paper's product of Frobenius norms, scale-free).
 
-The population runs through the decoder together: at each layer, each candidate's kernels are
-gathered from the database stacks ([K, in, out] -> [P, in, out]) and the layer is vmapped over
-candidates. `streaming=True` jits one layer at a time, so only one layer's weights per
-candidate are ever materialised (for 7B-sized models); the default jits the whole decoder.
+The population runs through the decoder together, as one scanned layer (`jax.lax.scan` over the
+database's [L, K, in, out] stacks: one layer in the program whatever the depth): at each layer,
+each candidate's kernels are gathered from the stacks ([K, in, out] -> [P, in, out]) and the
+layer is vmapped over candidates. `streaming=True` runs one jitted layer step at a time (the
+same program for every layer), so only one layer's stacks are on the device at once (the
+database may live on the host); the default scans the whole decoder in one program.
 
 The proxy samples come as parts (`ProxyBatch` each), every part padded only to its own longest
 row; L_proxy is the token-weighted mean over all parts. A part marked `fixed` (the text
@@ -33,6 +35,7 @@ from ellava_jax.model.llama import (
     attention_mask_4d,
     positions_from_mask,
     rope_cos_sin,
+    with_layers,
 )
 from ellava_jax.model.llava import decode, lm_head, merge_image_features, project
 from ellava_jax.model.losses import token_loss_sum
@@ -88,28 +91,41 @@ def generalization_term(
     return per_matrix.sum(-1) if reading == "sum" else per_matrix.mean(-1)
 
 
-def _shared_layer_params(params: dict, layer: int) -> dict:
-    """A layer's params with the seven kernels removed (norm scales only)."""
-    lp = params["language_model"]["layers"][str(layer)]
-    return {k: v for k, v in lp.items() if k in ("input_layernorm", "post_attention_layernorm")}
+def _shared_stack(params: dict) -> dict:
+    """The decoder's stacked layer params without the seven kernels (norm scales, [L, H])."""
+    stack = params["language_model"]["layers"]
+    return {k: v for k, v in stack.items() if k in ("input_layernorm", "post_attention_layernorm")}
 
 
-def _with_kernels(shared: dict, layer: int, kernels: dict) -> dict:
+def _with_kernels(shared: dict, kernels: dict) -> dict:
+    """One layer's params: its norm scales and the given kernels {matrix: [in, out]}."""
     lp = dict(shared)
     for m, k in kernels.items():
-        lp = set_path(lp, kernel_path(layer, m)[3:], k)
+        lp = set_path(lp, kernel_path(0, m)[3:], k)
     return lp
 
 
-def _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4):
+def _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4):
     """One decoder layer for every candidate. stacks {m: [K,in,out]}, lv [P, 7], h [P, N, T, H]."""
     kern = {m: stacks[m][lv[:, j]] for j, m in enumerate(MATRICES)}  # [P, in, out]
 
     def one(k, hp):
-        lp = _with_kernels(shared, layer, k)
+        lp = _with_kernels(shared, k)
         return LlamaDecoderLayer(cfg).apply({"params": lp}, hp, cos, sin, m4)[0]
 
     return jax.vmap(one)(kern, h)
+
+
+def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4):
+    """Every decoder layer for every candidate, as one scanned layer: stacks {m: [L, K, in,
+    out]}, lv_layers [P, L, 7], h [P, N, T, H] -> [P, N, T, H]."""
+
+    def body(hp, xs):
+        shared, layer_stacks, lv = xs
+        return _layer_population(cfg, shared, layer_stacks, lv, hp, cos, sin, m4), None
+
+    xs = (_shared_stack(params), stacks, jnp.swapaxes(lv_layers, 0, 1))
+    return jax.lax.scan(body, h, xs)[0]
 
 
 def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
@@ -135,20 +151,17 @@ def population_sums_jit(
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
     m4 = attention_mask_4d(mask, embeds.shape[1])
     h = jnp.broadcast_to(embeds, (p, *embeds.shape))
-    for layer in range(cfg.num_hidden_layers):
-        shared = _shared_layer_params(params, layer)
-        h = _layer_population(
-            cfg, layer, shared, stacks[layer], lv_layers[:, layer], h, cos, sin, m4
-        )
+    h = _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4)
     return _head_loss_sums(config, params, h, labels, label_mask, dense_logp)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _layer_step_jit(cfg, layer, shared, stacks, lv, h, mask):
+@partial(jax.jit, static_argnums=0)
+def _layer_step_jit(cfg, shared, stacks, lv, h, mask):
+    """One layer of the streamed population pass: the same program for every layer."""
     positions = positions_from_mask(mask)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
     m4 = attention_mask_4d(mask, h.shape[2])
-    return _layer_population(cfg, layer, shared, stacks, lv, h, cos, sin, m4)
+    return _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4)
 
 
 _head_loss_sums_jit = jax.jit(_head_loss_sums, static_argnums=0)
@@ -170,11 +183,10 @@ def population_loss_sums(
     embeds = batch.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
     n = config.text.num_hidden_layers
     if not streaming:
-        stacks = [db.layer_kernels(layer) for layer in range(n)]
         return population_sums_jit(
             config,
             params,
-            stacks,
+            db.device_stacks(),
             lv_layers,
             embeds,
             batch.attention_mask,
@@ -183,12 +195,11 @@ def population_loss_sums(
             batch.dense_logp,
         )
     h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
+    shared_stack = _shared_stack(params)
     for layer in range(n):
-        shared = _shared_layer_params(params, layer)
         h = _layer_step_jit(
             config.text,
-            layer,
-            shared,
+            jax.tree_util.tree_map(lambda x, i=layer: x[i], shared_stack),
             db.layer_kernels(layer),
             lv_layers[:, layer],
             h,
@@ -279,11 +290,14 @@ def assemble(
 ) -> dict:
     """Full params of one candidate, kernels looked up in the database."""
     idx_one = np.asarray(idx_one)
-    out = params
-    for layer, m in decoder_linears(config):
-        k = db.kernels[(layer, m)][int(idx_one[space.entry_of(layer, m)])]
-        out = set_path(out, kernel_path(layer, m), jnp.asarray(k))
-    return out
+    stack = dict(params["language_model"]["layers"])
+    for m in MATRICES:
+        rows = [
+            db.kernel(layer, m, int(idx_one[space.entry_of(layer, m)]))
+            for layer in range(config.text.num_hidden_layers)
+        ]
+        stack = set_path(stack, kernel_path(0, m)[3:], jnp.stack([jnp.asarray(r) for r in rows]))
+    return with_layers(params, stack)
 
 
 @partial(jax.jit, static_argnums=0)

@@ -156,7 +156,7 @@ def train_projector(
     top_idx, weights = top_idx[keep], weights[keep]
     weights = weights / weights.sum()
     lv_layers = jnp.asarray(top_idx[:, layer_entries(space)])
-    stacks = [db.layer_kernels(layer) for layer in range(config.text.num_hidden_layers)]
+    stacks = db.device_stacks()
     w = jnp.asarray(weights, jnp.float32)
     new, losses = _train(proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm)
     return new, np.asarray(losses)

@@ -32,6 +32,7 @@ from ellava_jax.model.llama import (
     apply_rope,
     attend,
     attention_mask_4d,
+    layer_params,
     positions_from_mask,
     rope_cos_sin,
 )
@@ -227,7 +228,6 @@ def prefill_layers(
     pos = positions_from_mask(attention_mask)
     orig = jnp.broadcast_to(jnp.arange(t), (b, t))
     state = (embeds, pos, valid, vis, img, orig)
-    layers = params["language_model"]["layers"]
     caches, key_masks, prev = [], [], n
     cos = sin = None
     for i, (k, width) in enumerate(zip(keep, widths)):
@@ -240,7 +240,7 @@ def prefill_layers(
             key_masks.append(jnp.concatenate([valid, jnp.ones((b, extra), bool)], axis=1))
         if k < prev:
             state, cache = _dropping_layer(
-                cfg, layers[str(i)], state, k, width, score_kind, cache, extra or 0
+                cfg, layer_params(params, i), state, k, width, score_kind, cache, extra or 0
             )
             cos = sin = None
         else:
@@ -249,7 +249,7 @@ def prefill_layers(
             key_mask = valid if extra is None else key_masks[-1]
             mask = attention_mask_4d(key_mask, w, 0)
             h, cache = LlamaDecoderLayer(cfg).apply(
-                {"params": layers[str(i)]}, h, cos, sin, mask, cache, 0
+                {"params": layer_params(params, i)}, h, cos, sin, mask, cache, 0
             )
             state = (h, *state[1:])
         caches.append(cache)
@@ -394,7 +394,7 @@ def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widt
     logits = lm_head(config, params, _final_norm(config, params, h[:, -1:]))
     starts = [km.shape[1] - max_new for km in key_masks]  # each layer's prefill length
     last_pos = positions_from_mask(attention_mask)[:, -1]
-    layers = params["language_model"]["layers"]
+    layers = [layer_params(params, i) for i in range(cfg.num_hidden_layers)]
 
     def step(i, tok, caches):
         """One new token through every layer, each attending to its own reduced cache."""
@@ -405,7 +405,7 @@ def _generate_core(config, params, embeds, input_ids, attention_mask, keep, widt
             idx = starts[layer] + i - 1
             mask = attention_mask_4d(key_masks[layer], 1, idx)
             x, c = LlamaDecoderLayer(cfg).apply(
-                {"params": layers[str(layer)]}, x, cos, sin, mask, caches[layer], idx
+                {"params": layers[layer]}, x, cos, sin, mask, caches[layer], idx
             )
             new_caches.append(c)
         return lm_head(config, params, _final_norm(config, params, x)), new_caches

@@ -49,6 +49,7 @@ from ellava_jax.errors import UserError
 from ellava_jax.eval.flops import decoder_prefill_flops, total_flops
 from ellava_jax.model.llama import (
     attention_mask_4d,
+    layer_params,
     layer_with_attention,
     positions_from_mask,
     rope_cos_sin,
@@ -109,7 +110,7 @@ def _simulate(config, params, embeds, attention_mask, input_ids, alpha, n_groups
     drops, masses = [], []
     for i in range(cfg.num_hidden_layers):
         mask = attention_mask_4d(alive, h.shape[1], 0)
-        layer = params["language_model"]["layers"][str(i)]
+        layer = layer_params(params, i)
         h, probs = layer_with_attention(cfg, layer, h, cos, sin, mask)
         cross, self_ = _layer_scores(probs, valid, vis, img, alive)
         va = vis & alive

@@ -330,17 +330,18 @@ def _loss(config: LlavaConfig, params, aux, batch, tc: TrainConfig, readout=None
         mask,
         mutable=["intermediates"],
     )
-    layers = state["intermediates"]["layers"]
+    sown = state["intermediates"]["layers"]  # every leaf stacked over the layers: [L, ...]
+    stacked_probs = sown["self_attn"]["attn_probs"][0]
     if batch["pixel_values"] is not None and tc.focus_weight:
-        probs = layers[str(tc.focus_layer)]["self_attn"]["attn_probs"][0]
+        probs = stacked_probs[tc.focus_layer]
         focus_term = _focus_loss(config, probs, ids, batch["focus"])
     ref_term = jnp.float32(0.0)
     if tc.ref_weight:
-        probs = layers[str(tc.ref_layer)]["self_attn"]["attn_probs"][0]
+        probs = stacked_probs[tc.ref_layer]
         ref_term = _ref_loss(probs, batch["refs"])
     readout_term = jnp.float32(0.0)
     if tc.readout_weight:
-        x = layers[str(tc.readout_layer)]["attn_in"][0]
+        x = sown["attn_in"][0][tc.readout_layer]
         readout_term = _readout_loss(readout, x, batch["answer_class"])
     logits = lm_head(config, params, hidden)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -532,7 +533,7 @@ def score(
 
 
 def is_decoder_linear(path: tuple[str, ...]) -> bool:
-    """language_model/layers/<i>/{self_attn,mlp}/<proj>/kernel."""
+    """language_model/layers/{self_attn,mlp}/<proj>/kernel (stacked over the layers)."""
     return (
         len(path) >= 2
         and path[0] == "language_model"
@@ -546,6 +547,8 @@ def magnitude_prune(params: dict, sparsity: float) -> dict:
 
     def prune(path, x):
         names = tuple(getattr(k, "key", str(k)) for k in path)
-        return baselines.magnitude_prune(x, sparsity)[0] if is_decoder_linear(names) else x
+        if not is_decoder_linear(names):
+            return x
+        return jnp.stack([baselines.magnitude_prune(w, sparsity)[0] for w in x])  # per layer
 
     return jax.tree_util.tree_map_with_path(prune, params)
