@@ -151,10 +151,19 @@ def test_a_killed_text_only_search_resumes_to_the_same_policy(llama, searched, t
     out = str(tmp_path / "run")
     with pytest.raises(SearchInterrupted):
         run_search(settings, out, stop_after_round=0, progress=False, say=lambda *_: None)
-    res = run_search(settings, out, progress=False, say=lambda *_: None)
+    # an evaluator of held-out perplexity (benchmarks/real_model.py's): no per-category plot
+    res = run_search(
+        settings,
+        out,
+        evaluate=lambda config, params: {"perplexity": 1.0},
+        progress=False,
+        say=lambda *_: None,
+    )
     with open(os.path.join(searched, "result.json")) as f:
         whole = json.load(f)
     assert res["policy"] == whole["policy"] and res["best_fitness"] == whole["best_fitness"]
+    assert res["accuracy"]["searched"] == {"perplexity": 1.0}
+    assert not os.path.exists(os.path.join(out, "accuracy.png"))
 
 
 def test_a_multimodal_proxy_is_refused(llama, tmp_path, capsys):

@@ -202,7 +202,7 @@ def _level_database(run: _Run):
         )
     run.say(
         f"level database: {db.pruner_calls} OBS calls ({run.space.n_levels} levels x "
-        f"{len(db.kernels)} matrices) in {db.seconds:.1f} s"
+        f"{db.n_matrices} matrices) in {db.seconds:.1f} s"
     )
     return db
 
@@ -381,7 +381,8 @@ def _plots(out_dir: str, result: dict, res, settings) -> None:
             title=f"search at p0 = {settings.p0:g}",
         )
     plots.policy_bars(result["policy"], settings.p0, os.path.join(out_dir, "policy.png"))
-    if result["accuracy"]:
+    acc = result["accuracy"]
+    if acc and all("per_category" in r for r in acc.values()):  # an evaluator of questions
         plots.accuracy_by_category(
             result["accuracy"],
             os.path.join(out_dir, "accuracy.png"),
