@@ -1,0 +1,358 @@
+"""`ellava plan`: the memory of every step of a search, from compiled programs, before a run.
+
+Each step's program is lowered with abstract arrays (`jax.ShapeDtypeStruct`: nothing is
+allocated, no weight or data file is read) for the recipe's model and sizes, compiled for the
+backend at hand, and read with `memory_analysis()`: the per-device peak of the program
+(arguments + outputs + temporaries - aliased). Beside it, what the step keeps on the device
+outside that program (the model's parameters, the calibration set, the KL targets, the level
+database when it lives there), so a step's total is what the device must hold at once.
+
+Steps (the order a search runs them):
+  calibration     one decoder layer and its Gram matrices on a chunk of `calib_batch_size` rows
+  database        SparseGPT at every level for the largest matrix (the level database's OBS)
+  fitness         the population's decoder pass on each proxy part (scanned, or one streamed
+                  layer step and the head), `population` candidates
+  projector       the projector's training steps on the multimodal samples (top_k candidates)
+  final_prune     one sequential SparseGPT call on the largest matrix (calibration as above)
+  evaluation      one forward pass of an evaluation batch
+
+A CPU compile estimates an accelerator's buffers (its fusion and layouts differ); the backend
+is named in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ellava_jax.config import LlavaConfig
+from ellava_jax.prune.masks import MATRICES, matrix_shape, matrix_size
+
+GB = 1e9
+EVAL_BATCH = 8
+EVAL_TEXT_ONLY = (16, 256)  # held-out perplexity windows: rows x tokens
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    program: int  # the compiled program's peak (bytes per device)
+    held: int  # live on the device outside the program during this step
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.program + self.held
+
+
+def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(int(x) for x in shape), jnp.dtype(dtype))
+
+
+def _nbytes(tree) -> int:
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def program_peak(jitted, *args) -> int:
+    """Per-device peak bytes of `jitted` compiled for `args` (abstract arrays)."""
+    m = jitted.lower(*args).compile().memory_analysis()
+    if m is None:  # a backend without the analysis
+        return 0
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes a search runs at (from the recipe, or told)."""
+
+    text_rows: int
+    text_len: int
+    mm_rows: int  # 0: no multimodal part (text-only model or no multimodal proxy)
+    mm_len: int
+    population: int
+    top_k: int
+    levels: int
+
+    @property
+    def calib_len(self) -> int:
+        return max(self.text_len, self.mm_len if self.mm_rows else 0)
+
+    @property
+    def calib_rows(self) -> int:
+        return self.text_rows + self.mm_rows
+
+
+def search_shapes(settings, config: LlavaConfig, image_tokens: int, text_tokens: int) -> Shapes:
+    """The proxy parts of `settings` for `config`; a multimodal part when the model has images
+    and the recipe names a multimodal file (or is the toy's own, `proxy_multimodal` null with a
+    model of images): `proxy_multimodal_samples` rows of image + text tokens."""
+    mm = not config.is_text_only and settings.projector_steps > 0
+    n_img = config.num_image_tokens if config.num_image_tokens else image_tokens
+    levels = int(round(settings.width / settings.step)) * 2 + 1
+    return Shapes(
+        settings.proxy_segments,
+        settings.proxy_seq_len,
+        settings.proxy_multimodal_samples if mm else 0,
+        min(n_img, image_tokens) + text_tokens if mm else 0,
+        settings.population,
+        settings.top_k,
+        levels,
+    )
+
+
+def _largest_matrices(config: LlavaConfig) -> list[str]:
+    """One matrix per distinct [in, out] shape."""
+    seen, out = set(), []
+    for m in MATRICES:
+        s = matrix_shape(config, m)
+        if s not in seen:
+            seen.add(s)
+            out.append(m)
+    return out
+
+
+def _calibration_step(config, dtype, shapes, batch) -> Step:
+    from ellava_jax.prune.hessian import _layer_stats
+
+    t, cfg = shapes.calib_len, config.text
+    layer = _layer_abstract(config, dtype)
+    h = _sds((batch, t, cfg.hidden_size), dtype)
+    mask, pos = _sds((batch, t), jnp.int32), _sds((batch, t), jnp.int32)
+    fn = jax.jit(lambda lp, h, mask, pos: _layer_stats(cfg, lp, h, mask, pos, True))
+    peak = program_peak(fn, layer, h, mask, pos)
+    # held: the calibration set's hidden states in and out, and one layer's Hessians
+    hidden = 2 * shapes.calib_rows * t * cfg.hidden_size * jnp.dtype(dtype).itemsize
+    i, hh = cfg.intermediate_size, cfg.hidden_size
+    qd = cfg.num_attention_heads * cfg.head_dim
+    hess = 4 * (2 * hh * hh + qd * qd + i * i)
+    return Step("calibration", peak, hidden + hess, f"{batch} rows x {t} tokens per chunk")
+
+
+def _layer_abstract(config, dtype) -> dict:
+    from ellava_jax.model.llava import param_shapes
+
+    stack = param_shapes(config, dtype)["language_model"]["layers"]
+    return jax.tree.map(lambda x: _sds(x.shape[1:], x.dtype), stack)
+
+
+def _obs_peak(config, dtype, n_levels: int) -> int:
+    from ellava_jax.prune.database import _prune_levels
+
+    peak = 0
+    for m in _largest_matrices(config):
+        a, b = matrix_shape(config, m)
+        k, h = _sds((a, b), dtype), _sds((a, a), jnp.float32)
+        if n_levels > 1:
+            peak = max(peak, program_peak(_prune_levels, k, h, _sds((n_levels,), jnp.float32)))
+        else:
+            from ellava_jax.prune.obs import sparsegpt
+
+            peak = max(
+                peak, program_peak(jax.jit(lambda k, h, s: sparsegpt(k, h, s)[0]), k, h, 0.5)
+            )
+    return peak
+
+
+def plan(
+    settings,
+    config: LlavaConfig,
+    *,
+    dtype="bfloat16",
+    device_memory: float | None = None,
+    image_tokens: int = 576,
+    text_tokens: int = 64,
+) -> dict:
+    """Every step's per-device bytes for `settings` on `config`, compiled with abstract arrays.
+
+    Returns {"steps": {name: total bytes}, "detail": {name: {program, held, note}},
+    "host_bytes": {...}, "h2d_bytes_per_round": int, "backend": str, "fits": bool | None,
+    "device_memory": bytes | None, "shapes": {...}}."""
+    from ellava_jax.model.llava import _forward, param_shapes
+    from ellava_jax.search import fitness as F
+    from ellava_jax.search.projector import MultimodalProxy, _train
+
+    dtype = jnp.dtype(dtype)
+    cfg = config.text
+    shapes = search_shapes(settings, config, image_tokens, text_tokens)
+    params = param_shapes(config, dtype)
+    param_bytes = _nbytes(params)
+    linears = sum(matrix_size(config, m) for m in MATRICES) * cfg.num_hidden_layers
+    db_bytes = shapes.levels * linears * dtype.itemsize
+    db_on_device = settings.database_storage == "device"
+    vocab = cfg.vocab_size
+    kl_rows = []
+    if settings.fitness_loss == "kl":
+        kl_rows.append(shapes.text_rows * shapes.text_len)
+    if shapes.mm_rows and (settings.fitness_loss == "kl" or settings.projector_loss == "kl"):
+        kl_rows.append(shapes.mm_rows * shapes.mm_len)
+    kl_bytes = sum(kl_rows) * vocab * 4
+
+    steps: list[Step] = []
+    steps.append(_calibration_step(config, dtype, shapes, settings.calib_batch_size))
+    steps[-1].held += param_bytes
+    obs = _obs_peak(config, dtype, shapes.levels - 1)
+    held_db = db_bytes if db_on_device else 0
+    steps.append(
+        Step(
+            "database",
+            obs,
+            param_bytes + held_db + steps[0].held - param_bytes,
+            f"{shapes.levels - 1} levels of the largest matrix; database "
+            + ("on the device" if db_on_device else "on the host"),
+        )
+    )
+
+    # fitness: each part's pass for the whole population
+    p = shapes.population
+    stacks_all = {
+        m: _sds((cfg.num_hidden_layers, shapes.levels, *matrix_shape(config, m)), dtype)
+        for m in MATRICES
+    }
+    stacks_one = {m: _sds(x.shape[1:], dtype) for m, x in stacks_all.items()}
+    parts = [(shapes.text_rows, shapes.text_len, settings.fitness_loss == "kl")]
+    if shapes.mm_rows:
+        parts.append((shapes.mm_rows, shapes.mm_len, settings.fitness_loss == "kl"))
+    fit_peak = 0
+    for n, t, kl in parts:
+        emb = _sds((n, t, cfg.hidden_size), dtype)
+        mask, labels = _sds((n, t), jnp.int32), _sds((n, t), jnp.int32)
+        lmask = _sds((n, t), jnp.float32)
+        logp = _sds((n, t, vocab), jnp.float32) if kl else None
+        if settings.streaming:
+            shared = {
+                k: {"scale": _sds((cfg.hidden_size,), dtype)}
+                for k in ("input_layernorm", "post_attention_layernorm")
+            }
+            lv = _sds((p, len(MATRICES)), jnp.int32)
+            h = _sds((p, n, t, cfg.hidden_size), dtype)
+            step = program_peak(
+                jax.jit(lambda *a: F._layer_step_jit(cfg, *a)), shared, stacks_one, lv, h, mask
+            )
+            head = program_peak(
+                jax.jit(partial(F._head_loss_sums, config)), params, h, labels, lmask, logp
+            )
+            fit_peak = max(fit_peak, step, head)
+        else:
+            lv = _sds((p, cfg.num_hidden_layers, len(MATRICES)), jnp.int32)
+            fn = jax.jit(lambda *a: F.population_sums_jit(config, *a))
+            fit_peak = max(
+                fit_peak, program_peak(fn, params, stacks_all, lv, emb, mask, labels, lmask, logp)
+            )
+    steps.append(
+        Step(
+            "fitness",
+            fit_peak,
+            param_bytes + kl_bytes + (held_db if not settings.streaming else 0),
+            ("one streamed layer and the head" if settings.streaming else "the scanned decoder")
+            + f", {p} candidates",
+        )
+    )
+
+    if shapes.mm_rows:
+        m = shapes.top_k
+        n, t = shapes.mm_rows, shapes.mm_len
+        v = config.vision
+        n_img = config.num_image_tokens
+        feat = v.hidden_size * len(config.feature_layers)
+        mm = MultimodalProxy(
+            _sds((n, t), jnp.int32),
+            _sds((n, t), jnp.int32),
+            _sds((n, t, cfg.hidden_size), dtype),
+            _sds((n, n_img, feat), dtype),
+            _sds((n, t), jnp.int32),
+            _sds((n, t), jnp.float32),
+            _sds((n, t, vocab), jnp.float32) if settings.projector_loss == "kl" else None,
+        )
+        proj = params["multi_modal_projector"]
+        lv = _sds((m, cfg.num_hidden_layers, len(MATRICES)), jnp.int32)
+        fn = jax.jit(
+            lambda proj, params, stacks, lv, w, mm: _train(
+                proj, config, int(settings.projector_steps), 1e-4, params, stacks, lv, w, [mm]
+            )
+        )
+        peak = program_peak(fn, proj, params, stacks_all, lv, _sds((m,), jnp.float32), mm)
+        steps.append(
+            Step(
+                "projector",
+                peak,
+                0,
+                f"{m} candidates x {n} samples x {t} tokens, every layer's stacks as arguments",
+            )
+        )
+
+    steps.append(
+        Step(
+            "final_prune",
+            max(_obs_peak(config, dtype, 1), steps[0].program),
+            steps[0].held,
+            "sequential SparseGPT of the largest matrix, or the calibration chunk",
+        )
+    )
+
+    if config.is_text_only:
+        b, t = EVAL_TEXT_ONLY
+        pix = None
+    else:
+        b, t = EVAL_BATCH, config.num_image_tokens + text_tokens
+        v = config.vision
+        pix = _sds((b, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    ids, mask = _sds((b, t), jnp.int32), _sds((b, t), jnp.int32)
+    ev = program_peak(jax.jit(partial(_forward, config)), params, ids, pix, mask)
+    steps.append(Step("evaluation", ev, 0, f"{b} rows x {t} tokens"))
+
+    n_parts = len(parts) + (1 if shapes.mm_rows and settings.projector_steps > 0 else 0)
+    host = {
+        "level_database": 0 if db_on_device else db_bytes,
+        "kl_targets": 0,  # held on the device (counted in fitness), none on the host
+        "parameters": param_bytes,
+    }
+    limit = None if device_memory is None else int(device_memory)
+    dev = jax.devices()[0]
+    return {
+        "steps": {s.name: s.total for s in steps},
+        "detail": {s.name: {"program": s.program, "held": s.held, "note": s.note} for s in steps},
+        "host_bytes": host,
+        "h2d_bytes_per_round": 0 if db_on_device else n_parts * db_bytes,
+        "backend": f"{jax.default_backend()} ({dev.device_kind})",
+        "device_memory": limit,
+        "fits": None if limit is None else all(s.total <= limit for s in steps),
+        "dtype": str(dtype),
+        "shapes": dataclasses.asdict(shapes),
+        "kl_target_bytes": kl_bytes,
+    }
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80 GB', '16GiB', '72e9' -> bytes (GB = 10^9, GiB = 2^30)."""
+    s = str(text).strip().replace(" ", "")
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tb": 10**12, "b": 1}
+    for u, f in units.items():
+        if s.lower().endswith(u):
+            return int(float(s[: -len(u)]) * f)
+    return int(float(s))
+
+
+def markdown(result: dict, title: str) -> list[str]:
+    """The plan as a table: step, program, held, total, fits."""
+    limit = result["device_memory"]
+    lines = [
+        f"| step ({title}) | program | held outside | per device | fits |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, total in result["steps"].items():
+        d = result["detail"][name]
+        ok = "-" if limit is None else ("yes" if total <= limit else "**no**")
+        lines.append(
+            f"| {name}: {d['note']} | {d['program'] / GB:.1f} GB | {d['held'] / GB:.1f} GB | "
+            f"{total / GB:.1f} GB | {ok} |"
+        )
+    return lines

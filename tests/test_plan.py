@@ -1,0 +1,140 @@
+"""`ellava plan`: each step of a search compiled with abstract arrays, its per-device peak read
+from the compiled program, nothing allocated and no file of the recipe read."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from ellava_jax.cli import main
+from ellava_jax.config import get_preset
+from ellava_jax.plan import parse_bytes, plan, program_peak
+from ellava_jax.search.settings import SearchSettings
+
+STEPS = {"calibration", "database", "fitness", "projector", "final_prune", "evaluation"}
+
+
+def _recipe(tmp_path, **kw):
+    lines = {
+        "model": "tiny",
+        "population": 4,
+        "top_k": 2,
+        "proxy_segments": 4,
+        "proxy_seq_len": 16,
+        "proxy_multimodal_samples": 2,
+        **kw,
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    return str(path)
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_plan_reports_every_step_and_whether_it_fits(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["plan", "--config", recipe, "--json", "--dtype", "float32"]) == 0
+    res = _last_json(capsys)
+    assert set(res["steps"]) == STEPS and res["backend"].startswith("cpu")
+    assert all(v > 0 for v in res["steps"].values()) and res["fits"] is None
+    # a limit between the smallest and largest step: does not fit, and says so per step
+    lo, hi = min(res["steps"].values()), max(res["steps"].values())
+    limit = (lo + hi) // 2
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                recipe,
+                "--json",
+                "--dtype",
+                "float32",
+                "--device-memory",
+                str(limit),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "**no**" in out and f"fits in {limit / 1e9:.1f} GB: no" in out
+    assert json.loads(out.strip().splitlines()[-1])["fits"] is False
+
+
+def test_plan_figures_are_the_compiled_programs(tmp_path):
+    """The fitness step's program is the population pass compiled for the recipe's sizes: twice
+    the proxy rows give a bigger program, host storage moves the database off the device."""
+    config = get_preset("tiny")
+    base = SearchSettings(
+        model="tiny",
+        population=4,
+        top_k=2,
+        proxy_segments=4,
+        proxy_seq_len=16,
+        proxy_multimodal_samples=2,
+    )
+    a = plan(base, config, dtype="float32")
+    llama = get_preset("tiny-llama")  # text alone: the text part is the fitness's only part
+    fit = [plan(base.replace(proxy_segments=n), llama, dtype="float32") for n in (4, 16)]
+    assert fit[1]["detail"]["fitness"]["program"] > fit[0]["detail"]["fitness"]["program"]
+    host = plan(base.replace(database_storage="host", streaming=True), config, dtype="float32")
+    assert host["host_bytes"]["level_database"] > 0 == a["host_bytes"]["level_database"]
+    assert host["h2d_bytes_per_round"] >= host["host_bytes"]["level_database"]
+    assert "projector" in a["steps"] and "projector" not in fit[0]["steps"]  # text only
+    # program_peak is memory_analysis of the compiled program
+    f = jax.jit(lambda x: (x @ x.T).sum())
+    x = jax.ShapeDtypeStruct((64, 32), "float32")
+    m = f.lower(x).compile().memory_analysis()
+    assert program_peak(f, x) == (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def test_plan_reads_no_file_of_the_recipe(tmp_path, capsys):
+    recipe = _recipe(
+        tmp_path,
+        model="/nonexistent/llava-1.5-7b-hf",
+        proxy_text="/no/ptb.txt",
+        proxy_multimodal="/no/mm.jsonl",
+        eval_data="/no/eval.jsonl",
+    )
+    assert main(["plan", "--config", recipe, "--json", "--model", "tiny"]) == 0
+    assert set(_last_json(capsys)["steps"]) == STEPS
+    # without --model: the directory is missing, its name says which preset; a bad name fails
+    bad = _recipe(tmp_path, model="/nonexistent/mystery-model")
+    assert main(["plan", "--config", bad]) == 2
+    assert "/nonexistent/mystery-model: no such model directory" in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("16GiB") == 16 * 2**30
+    assert parse_bytes("72e9") == 72 * 10**9
+
+
+@pytest.mark.slow
+def test_plan_the_7b_recipe(capsys):
+    """The 7B recipe with 32 multimodal samples (the user guide's table), compiled on CPU."""
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "configs/llava-1.5-7b.yaml",
+                "--set",
+                "proxy_multimodal=/data/mm.jsonl",
+                "--device-memory",
+                "80GB",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    res = _last_json(capsys)
+    assert set(res["steps"]) == STEPS
+    assert res["host_bytes"]["level_database"] == pytest.approx(64.8e9, rel=0.01)
