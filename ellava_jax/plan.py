@@ -205,7 +205,7 @@ def plan(
         Step(
             "database",
             obs,
-            param_bytes + held_db + steps[0].held - param_bytes,
+            held_db + steps[0].held,
             f"{shapes.levels - 1} levels of the largest matrix; database "
             + ("on the device" if db_on_device else "on the host"),
         )
@@ -222,7 +222,9 @@ def plan(
     if shapes.mm_rows:
         parts.append((shapes.mm_rows, shapes.mm_len, settings.fitness_loss == "kl"))
     fit_peak = 0
+    chunk = settings.row_chunk
     for n, t, kl in parts:
+        n = n if chunk is None else min(n, chunk)  # one chunk of rows at a time
         emb = _sds((n, t, cfg.hidden_size), dtype)
         mask, labels = _sds((n, t), jnp.int32), _sds((n, t), jnp.int32)
         lmask = _sds((n, t), jnp.float32)
@@ -253,7 +255,8 @@ def plan(
             fit_peak,
             param_bytes + kl_bytes + (held_db if not settings.streaming else 0),
             ("one streamed layer and the head" if settings.streaming else "the scanned decoder")
-            + f", {p} candidates",
+            + f", {p} candidates"
+            + ("" if chunk is None else f", {chunk} rows per chunk"),
         )
     )
 

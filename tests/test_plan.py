@@ -80,6 +80,9 @@ def test_plan_figures_are_the_compiled_programs(tmp_path):
     llama = get_preset("tiny-llama")  # text alone: the text part is the fitness's only part
     fit = [plan(base.replace(proxy_segments=n), llama, dtype="float32") for n in (4, 16)]
     assert fit[1]["detail"]["fitness"]["program"] > fit[0]["detail"]["fitness"]["program"]
+    # chunks of rows: the program holds one chunk, whatever the rows
+    chunked = plan(base.replace(proxy_segments=16, row_chunk=4), llama, dtype="float32")
+    assert chunked["detail"]["fitness"]["program"] == fit[0]["detail"]["fitness"]["program"]
     host = plan(base.replace(database_storage="host", streaming=True), config, dtype="float32")
     assert host["host_bytes"]["level_database"] > 0 == a["host_bytes"]["level_database"]
     assert host["h2d_bytes_per_round"] >= host["host_bytes"]["level_database"]

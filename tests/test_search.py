@@ -127,6 +127,22 @@ def test_g_reading_mean_is_the_per_matrix_mean_of_the_norm_table(tiny_search):
         fitness(config, params, db, space, idx, parts, 0.5, g_reading="max")
 
 
+def test_row_chunks_give_the_fitness_of_whole_parts(tiny_search):
+    """Rows in chunks (the last one padded with unscored rows): the same L_proxy, scanned and
+    streamed, and the cache holds the same sums."""
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(6, np.random.default_rng(4))
+    parts = fb.parts(params["multi_modal_projector"])
+    assert max(p.inputs_embeds.shape[0] for p in parts) > 4  # 4 rows: chunks, one padded
+    whole = fitness(config, params, db, space, idx, parts, 0.5)
+    for streaming in (False, True):
+        chunked = fitness(
+            config, params, db, space, idx, parts, 0.5, streaming=streaming, row_chunk=4
+        )
+        for a, b in zip(chunked, whole):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
 def test_population_terms_say_which_term_ranks_the_population():
     from ellava_jax.search.evolve import population_terms
 

@@ -121,6 +121,12 @@ def test_out_of_range_via_set_names_set_and_recipe(tmp_path):
     # a rule across settings names the argument that broke it
     with pytest.raises(SettingError, match=r"^--set population=4: .*top_k=8 exceeds population=4"):
         _load("population=4")
+    # a chunk of rows larger than the proxy's parts cannot run
+    with pytest.raises(
+        SettingError, match=r"^--set row_chunk=65: exceeds the proxy's 64 rows \(overriding"
+    ):
+        _load("row_chunk=65")
+    assert _load("row_chunk=8").row_chunk == 8
     # in a recipe, the error names the file
     p = tmp_path / "r.yaml"
     p.write_text("rounds: -1\n")

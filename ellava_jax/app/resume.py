@@ -33,6 +33,7 @@ RESULT_FREE = (
     "rounds",
     "database_storage",
     "streaming",
+    "row_chunk",
     "calib_batch_size",
     "eval_data",
     "eval_limit",

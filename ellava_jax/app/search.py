@@ -226,6 +226,7 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                 s.eta,
                 cache=fb.cache,
                 streaming=s.streaming,
+                row_chunk=s.row_chunk,
                 g_reading=s.g_reading,
             )
 

@@ -116,20 +116,26 @@ def _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4):
     return jax.vmap(one)(kern, h)
 
 
-def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4):
+def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat=False):
     """Every decoder layer for every candidate, as one scanned layer: stacks {m: [L, K, in,
-    out]}, lv_layers [P, L, 7], h [P, N, T, H] -> [P, N, T, H]."""
+    out]}, lv_layers [P, L, 7], h [P, N, T, H] -> [P, N, T, H]. `remat`: a backward pass
+    recomputes each layer from its input (`jax.checkpoint`), so only the layers' inputs are
+    kept for it, not their activations and attention scores."""
 
     def body(hp, xs):
         shared, layer_stacks, lv = xs
         return _layer_population(cfg, shared, layer_stacks, lv, hp, cos, sin, m4), None
 
+    if remat:
+        body = jax.checkpoint(body)
+
     xs = (_shared_stack(params), stacks, jnp.swapaxes(lv_layers, 0, 1))
     return jax.lax.scan(body, h, xs)[0]
 
 
-def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
-    """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map keeps one logits alive)."""
+def _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat=False):
+    """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map keeps one logits alive;
+    `remat`: nor does a backward pass, which recomputes them)."""
     norm = RMSNorm(config.text.rms_norm_eps)
     norm_p = {"params": params["language_model"]["norm"]}
 
@@ -137,22 +143,23 @@ def _head_loss_sums(config, params, h, labels, label_mask, dense_logp):
         logits = lm_head(config, params, norm.apply(norm_p, hp))
         return token_loss_sum(logits, labels, label_mask, dense_logp)[0]
 
-    return jax.lax.map(one, h)
+    return jax.lax.map(jax.checkpoint(one) if remat else one, h)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jax.jit, static_argnums=0, static_argnames="remat")
 def population_sums_jit(
-    config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp
+    config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp, remat=False
 ):
-    """[P] loss sums of one part for the candidates' levels lv_layers [P, L, 7]."""
+    """[P] loss sums of one part for the candidates' levels lv_layers [P, L, 7] (`remat`: for
+    a backward pass, layers recomputed from their inputs)."""
     cfg = config.text
     p = lv_layers.shape[0]
     positions = positions_from_mask(mask)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
     m4 = attention_mask_4d(mask, embeds.shape[1])
     h = jnp.broadcast_to(embeds, (p, *embeds.shape))
-    h = _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4)
-    return _head_loss_sums(config, params, h, labels, label_mask, dense_logp)
+    h = _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat)
+    return _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -176,8 +183,21 @@ def population_loss_sums(
     batch: ProxyBatch,
     *,
     streaming: bool = False,
+    row_chunk: int | None = None,
 ) -> jax.Array:
-    """Loss summed over one part's scored positions, per candidate: idx [P, E] -> [P]."""
+    """Loss summed over one part's scored positions, per candidate: idx [P, E] -> [P].
+
+    With `row_chunk`, the part's rows go through in chunks of that many (the last one padded
+    with unscored rows), so the activations and attention scores exist for one chunk at a time;
+    the sums add up (the same loss up to float summation order)."""
+    n_rows = batch.inputs_embeds.shape[0]
+    if row_chunk is not None and row_chunk < n_rows:
+        total = 0.0
+        for s in range(0, n_rows, row_chunk):
+            total = total + population_loss_sums(
+                config, params, db, space, idx, row_slice(batch, s, row_chunk), streaming=streaming
+            )
+        return total
     ent = layer_entries(space)
     lv_layers = jnp.asarray(np.asarray(idx)[:, ent])  # [P, L, 7]
     embeds = batch.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
@@ -208,6 +228,26 @@ def population_loss_sums(
     return _head_loss_sums_jit(config, params, h, batch.labels, batch.label_mask, batch.dense_logp)
 
 
+def row_slice(batch: ProxyBatch, start: int, size: int) -> ProxyBatch:
+    """Rows start : start + size of a part; past its end, its first row again, unscored (label
+    mask 0), so every chunk has `size` rows and one compiled program serves them all."""
+    n = batch.inputs_embeds.shape[0]
+    rows = np.minimum(np.arange(start, start + size), n - 1)
+    rows = np.where(np.arange(start, start + size) < n, rows, start)
+    real = jnp.asarray(np.arange(start, start + size) < n, jnp.float32)[:, None]
+
+    def take(x):
+        return None if x is None else x[jnp.asarray(rows)]
+
+    return batch.replace(
+        inputs_embeds=take(batch.inputs_embeds),
+        attention_mask=take(batch.attention_mask),
+        labels=take(batch.labels),
+        label_mask=take(batch.label_mask) * real,
+        dense_logp=take(batch.dense_logp),
+    )
+
+
 def population_losses(
     config: LlavaConfig,
     params: dict,
@@ -227,10 +267,12 @@ def population_losses(
     return total / max(token_count(parts), 1.0)
 
 
-def _padded_sums(config, params, db, space, rows, batch, size, streaming) -> np.ndarray:
+def _padded_sums(config, params, db, space, rows, batch, size, streaming, row_chunk) -> np.ndarray:
     """population_loss_sums of `rows`, the batch padded (first row repeated) to `size` rows."""
     padded = np.concatenate([rows, np.repeat(rows[:1], size - len(rows), 0)])
-    out = population_loss_sums(config, params, db, space, padded, batch, streaming=streaming)
+    out = population_loss_sums(
+        config, params, db, space, padded, batch, streaming=streaming, row_chunk=row_chunk
+    )
     return np.asarray(out, np.float64)[: len(rows)]
 
 
@@ -245,6 +287,7 @@ def fitness(
     *,
     cache: dict | None = None,
     streaming: bool = False,
+    row_chunk: int | None = None,
     g_reading: str = "sum",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better (G read as
@@ -266,13 +309,15 @@ def fitness(
     sums = np.zeros(len(uniq), np.float64)
     for i, part in enumerate(parts):
         if not (part.fixed and cache is not None):
-            sums += _padded_sums(config, params, db, space, uniq, part, size(len(uniq)), streaming)
+            sums += _padded_sums(
+                config, params, db, space, uniq, part, size(len(uniq)), streaming, row_chunk
+            )
             continue
         keys = [(i, part.inputs_embeds.shape, row.tobytes()) for row in uniq]
         todo = [r for r, k in enumerate(keys) if k not in cache]
         if todo:
             new = _padded_sums(
-                config, params, db, space, uniq[todo], part, size(len(todo)), streaming
+                config, params, db, space, uniq[todo], part, size(len(todo)), streaming, row_chunk
             )
             cache.update({keys[r]: v for r, v in zip(todo, new)})
         sums += np.array([cache[k] for k in keys])

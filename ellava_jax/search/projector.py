@@ -82,6 +82,7 @@ def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: list[Mu
             b.labels,
             b.label_mask,
             b.dense_logp,
+            remat=True,  # the backward pass keeps each layer's input, not its activations
         )
         count = count + jnp.sum(b.label_mask)
     losses = sums / jnp.maximum(count, 1.0)

@@ -163,6 +163,12 @@ class SearchSettings:
         "device", "where the level database lives", choices=("device", "host")
     )
     streaming: bool = setting(False, "the population streams layer by layer (big models)")
+    row_chunk: int | None = setting(
+        None,
+        "proxy rows per pass of the population fitness (its activations and attention scores "
+        "exist for this many rows at a time); null: a whole part at once",
+        ge=1,
+    )
     # evaluation of the result (toy test split by default)
     eval_data: str | None = setting(
         None, "multiple-choice jsonl; null: the model's own test split", path=True
@@ -183,6 +189,16 @@ class SearchSettings:
                 f"search setting top_k={self.top_k} exceeds population={self.population}",
                 f"exceeds population={self.population}",
                 others=("population",),
+            )
+        rows = max(self.proxy_segments, self.proxy_multimodal_samples)
+        if self.row_chunk is not None and self.row_chunk > rows:
+            raise SettingError(
+                "row_chunk",
+                f"search setting row_chunk={self.row_chunk} exceeds the proxy's rows "
+                f"(proxy_segments={self.proxy_segments}, proxy_multimodal_samples="
+                f"{self.proxy_multimodal_samples}): a chunk must be at most a part's rows",
+                f"exceeds the proxy's {rows} rows",
+                others=("proxy_segments", "proxy_multimodal_samples"),
             )
         if self.model == "tiny":
             for k in ("proxy_text", "proxy_multimodal", "eval_data"):
