@@ -27,17 +27,19 @@ def _row(row, p0, seed, ppl, layers=None, **kw):
     }
 
 
-def _rounds(loss_std, eta_g_std, rj_l, rj_g):
-    return [
-        {
-            "round": k,
+def _rounds(loss_std, eta_g_std, rj_l, rj_g, nested=False):
+    """Round logs with the population's terms at the top level, or nested under
+    `population_terms` as the benchmark copies them from rounds.jsonl's `extra`."""
+    out = []
+    for k in range(2):
+        terms = {
             "loss_std": loss_std[k],
             "eta_g_std": eta_g_std[k],
             "rank_corr_j_loss": rj_l[k],
             "rank_corr_j_g": rj_g[k],
         }
-        for k in range(2)
-    ]
+        out.append({"round": k, **({"population_terms": terms} if nested else terms)})
+    return out
 
 
 @pytest.fixture()
@@ -57,9 +59,10 @@ def bench_dir(tmp_path):
                 seed,
                 se,
                 [0.6, 0.7, 0.7, 0.8],
-                rounds=_rounds([0.2, 0.02], [0.1, 0.05], [0.9, 0.3], [0.5, 0.8]),
+                rounds=_rounds([0.2, 0.02], [0.1, 0.05], [0.9, 0.3], [0.5, 0.8], nested=seed == 1),
             ),
         ]
+    rows.append(_row("search_mean", 0.7, 0, 80.0, eta=14.0))
     rows.append(_row("sparsegpt", 0.7, 1, 108.0))  # a rerun line replaces the earlier one
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path
@@ -88,4 +91,7 @@ def test_report_renders_the_table_verdict_terms_and_plot(bench_dir):
     assert f"{np.mean([70 / 100, 78 / 108]):.3f}x uniform SparseGPT (within" in report
     assert "| search | 0.7 | 2 | 0.020 | 0.050 | 0.300 | 0.800 |" in report
     assert "Matthew, Mark" in report and "test cpu" in report
+    # the mean-reading row names its eta; one seed has no spread to compare with
+    assert "| EfficientLLaVA search (G as a mean over matrices, eta 14) | 80.00 (n=1) |" in table
+    assert "OWL - search = +12.50 (one seed: no spread to compare)" in report
     assert (bench_dir / "layers.png").stat().st_size > 1000

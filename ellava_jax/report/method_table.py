@@ -25,7 +25,7 @@ ROW_NAMES = {
     "owl": "OWL + SparseGPT",
     "search": "EfficientLLaVA search (eta 0.5, G summed)",
     "search_kl": "Auto w/o Gen, KL loss (eta 0; EvoPress's objective)",
-    "search_mean": "EfficientLLaVA search (G as a mean over matrices)",
+    "search_mean": "EfficientLLaVA search (G as a mean over matrices)",  # + its eta
 }
 ORDER = tuple(ROW_NAMES)
 SEARCH_ROWS = ("search", "search_kl", "search_mean")
@@ -68,7 +68,7 @@ def summarize(runs: list[dict]) -> dict:
     mean / sample std / n over seeds. Magnitude reads no data: its one seed stands for all."""
     p0s = sorted({r["p0"] for r in runs if r["row"] != "dense"})
     sgpt = {(r["p0"], r["seed"]): r["perplexity"] for r in runs if r["row"] == "sparsegpt"}
-    out: dict = {"p0s": p0s, "rows": {}}
+    out: dict = {"p0s": p0s, "rows": {}, "names": {row: row_name(row, runs) for row in ORDER}}
     dense = [r for r in runs if r["row"] == "dense"]
     if dense:
         out["dense"] = dense[0]["perplexity"]
@@ -118,7 +118,7 @@ def markdown_table(summary: dict) -> list[str]:
         )
     for row, cells in summary["rows"].items():
         vals = [_fmt(cells[p]["perplexity"]) if p in cells else "-" for p in p0s]
-        lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(vals) + " |")
+        lines.append(f"| {summary['names'][row]} | " + " | ".join(vals) + " |")
     lines += [
         "",
         "Each cell's measured mean sparsity of the decoder linears, its perplexity over uniform "
@@ -133,7 +133,7 @@ def markdown_table(summary: dict) -> list[str]:
             if p in cells:
                 c = cells[p]
                 lines.append(
-                    f"| {ROW_NAMES[row]} | {p:g} | {_fmt(c['measured_sparsity'], 4)} | "
+                    f"| {summary['names'][row]} | {p:g} | {_fmt(c['measured_sparsity'], 4)} | "
                     f"{_fmt(c['vs_sparsegpt'], 3)} | {_fmt(c['wall_s'], 0)} |"
                 )
     return lines
@@ -146,16 +146,18 @@ def verdict(summary: dict) -> list[str]:
     for row in SEARCH_ROWS:
         for p0, c in rows.get(row, {}).items():
             ppl, owl = c["perplexity"], rows.get("owl", {}).get(p0, {}).get("perplexity")
-            parts = [f"{ROW_NAMES[row]} at p0 {p0:g}:"]
+            parts = [f"{summary['names'][row]} at p0 {p0:g}:"]
             if owl and owl["n"] and ppl["n"]:
-                spread = max(ppl["std"] or 0.0, owl["std"] or 0.0)
                 gap = owl["mean"] - ppl["mean"]
-                beats = gap > spread and ppl["n"] > 1 and owl["n"] > 1
-                parts.append(
-                    f"OWL - search = {gap:+.2f} against a seed spread of {spread:.2f} "
-                    f"({'beats OWL' if beats else 'does not beat OWL by more than the spread'}"
-                    f"{'' if ppl['n'] > 1 else ', one seed'});"
-                )
+                if ppl["n"] < 2 or owl["n"] < 2:
+                    parts.append(f"OWL - search = {gap:+.2f} (one seed: no spread to compare);")
+                else:
+                    spread = max(ppl["std"], owl["std"])
+                    beats = gap > spread
+                    parts.append(
+                        f"OWL - search = {gap:+.2f} against a seed spread of {spread:.2f} "
+                        f"({'beats OWL' if beats else 'does not beat OWL by more than the spread'});"
+                    )
             r = c["vs_sparsegpt"]
             if r["n"]:
                 parts.append(
@@ -182,7 +184,7 @@ def population_lines(runs: list[dict]) -> list[str]:
         for k in sorted({0, n_rounds - 1}):
             means = {}
             for field in ("loss_std", "eta_g_std", "rank_corr_j_loss", "rank_corr_j_g"):
-                vals = [r["rounds"][k].get(field) for r in rs]
+                vals = [_term(r["rounds"][k], field) for r in rs]
                 vals = [v for v in vals if v is not None]
                 means[field] = f"{np.mean(vals):.3f}" if vals else "-"
             out.append(
@@ -190,6 +192,20 @@ def population_lines(runs: list[dict]) -> list[str]:
                 f"{means['rank_corr_j_loss']} | {means['rank_corr_j_g']} |"
             )
     return out if keys else []
+
+
+def _term(round_log: dict, field: str):
+    """A population term of a round: under `population_terms` (the round log's `extra`), or
+    at the top level."""
+    return round_log.get("population_terms", {}).get(field, round_log.get(field))
+
+
+def row_name(row: str, runs: list[dict]) -> str:
+    """The row's name; the mean-reading search says its eta (set per run by --mean-eta)."""
+    etas = sorted({r.get("eta") for r in runs if r["row"] == row and r.get("eta") is not None})
+    if row == "search_mean" and etas:
+        return ROW_NAMES[row][:-1] + ", eta " + "/".join(f"{e:g}" for e in etas) + ")"
+    return ROW_NAMES[row]
 
 
 def layer_policies(runs: list[dict], p0: float) -> dict[str, list[float]]:
@@ -204,7 +220,7 @@ def layer_policies(runs: list[dict], p0: float) -> dict[str, list[float]]:
     for row in ("sparsegpt", "owl", *SEARCH_ROWS):
         for r in rows:
             if r["row"] == row and r["seed"] == seed:
-                out[f"{ROW_NAMES[row]} (seed {seed})"] = r["layer_sparsities"]
+                out[f"{row_name(row, runs)} (seed {seed})"] = r["layer_sparsities"]
     return out
 
 
