@@ -62,16 +62,6 @@ def run_key(row: str, p0: float, seed: int) -> str:
     return f"{row}/p0={p0:g}/seed={seed}"
 
 
-def load_done(path: str) -> dict[str, dict]:
-    done = {}
-    if os.path.exists(path):
-        for line in open(path):
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
-    return done
-
-
 def _fingerprint(params) -> str:
     import jax
 
@@ -216,14 +206,15 @@ def main(argv=None) -> int:
     import jax
 
     from ellava_jax.prune.owl import owl_outlier_ratios
+    from ellava_jax.report.method_table import RUNS_FILE, read_runs
     from ellava_jax.search.settings import load_settings
 
     bad = sorted(set(args.rows) - set(BASELINES) - set(SEARCHES))
     if bad:
         raise SystemExit(f"unknown row(s) {bad}: expected some of {[*BASELINES, *SEARCHES]}")
     os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "runs.jsonl")
-    done = load_done(log_path)
+    log_path = os.path.join(args.out, RUNS_FILE)
+    done = {r["key"]: r for r in read_runs(args.out)} if os.path.exists(log_path) else {}
     machine = cpu_name()
     print(f"{machine}; devices {jax.devices()}; {len(done)} rows already in {log_path}", flush=True)
     work = os.environ.get("REAL_MODEL_WORK") or tempfile.mkdtemp(prefix="real-model-")

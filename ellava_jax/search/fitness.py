@@ -231,10 +231,10 @@ def population_loss_sums(
 def row_slice(batch: ProxyBatch, start: int, size: int) -> ProxyBatch:
     """Rows start : start + size of a part; past its end, its first row again, unscored (label
     mask 0), so every chunk has `size` rows and one compiled program serves them all."""
-    n = batch.inputs_embeds.shape[0]
-    rows = np.minimum(np.arange(start, start + size), n - 1)
-    rows = np.where(np.arange(start, start + size) < n, rows, start)
-    real = jnp.asarray(np.arange(start, start + size) < n, jnp.float32)[:, None]
+    want = np.arange(start, start + size)
+    inside = want < batch.inputs_embeds.shape[0]
+    rows = np.where(inside, want, start)
+    real = jnp.asarray(inside, jnp.float32)[:, None]
 
     def take(x):
         return None if x is None else x[jnp.asarray(rows)]
