@@ -187,8 +187,9 @@ def tradeoff(p0s: Sequence[float], acc: Points, panels: Sequence[tuple[Points, s
 def method_layer_sparsities(panels: Mapping[float, Mapping[str, Sequence[float]]], path) -> str:
     """Per-layer sparsity of several methods (lines), one panel per p0 (the real-model table's
     uniform, OWL and searched policies)."""
+    n_series = max(len(series) for series in panels.values())
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=120, squeeze=False
+        1, len(panels), figsize=(5.2 * len(panels), 3.2 + 0.22 * n_series), dpi=120, squeeze=False
     )
     for ax, (p0, series) in zip(axes[0], panels.items()):
         for name, values in series.items():
@@ -197,5 +198,9 @@ def method_layer_sparsities(panels: Mapping[float, Mapping[str, Sequence[float]]
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("sparsity")
         ax.set_title(f"mean sparsity {p0:g}")
-        ax.legend(fontsize=7, loc="best")
-    return str(_save(fig, path))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)  # below, off the data
+    fig.tight_layout(rect=(0, 0.08 * n_series / 2 + 0.02, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
