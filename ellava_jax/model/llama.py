@@ -229,7 +229,9 @@ def _take_layer(stack, i):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
 
 
-def _take(stack, i: int) -> dict:
+def take_layer(stack, i: int) -> dict:
+    """Row i of every leaf of a stacked tree (a numpy view on the host, else one jitted program
+    for every i)."""
     if isinstance(i, int) and all(
         isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(stack)
     ):
@@ -239,14 +241,14 @@ def _take(stack, i: int) -> dict:
 
 def layer_params(params: dict, i) -> dict:
     """Decoder layer i's own tree (every leaf sliced out of the stack)."""
-    return _take(decoder_stack(params), i)
+    return take_layer(decoder_stack(params), i)
 
 
 def unstack_layers(params: dict) -> list[dict]:
     """Every decoder layer's own tree, in order."""
     stack = decoder_stack(params)
     n = jax.tree_util.tree_leaves(stack)[0].shape[0]
-    return [_take(stack, i) for i in range(n)]
+    return [take_layer(stack, i) for i in range(n)]
 
 
 def stack_layers(layers: list[dict]):

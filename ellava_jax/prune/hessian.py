@@ -29,9 +29,9 @@ from ellava_jax.config import LlavaConfig, TextConfig
 from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     attention_mask_4d,
+    layer_params,
     positions_from_mask,
     rope_cos_sin,
-    unstack_layers,
     with_layers,
 )
 from ellava_jax.model.llava import embed_inputs
@@ -198,19 +198,22 @@ def calibrate(
     h = calib.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
     mask = calib.attention_mask
     positions = positions_from_mask(mask)
-    layers, changed = unstack_layers(params), False
-    bar = tqdm(
-        range(cfg.num_hidden_layers), desc=f"calibrate ({mode})", disable=not progress, unit="layer"
-    )
+    n = cfg.num_hidden_layers
+    new_layers: dict[int, dict] = {}  # each layer is sliced out when reached, not all at once
+    bar = tqdm(range(n), desc=f"calibrate ({mode})", disable=not progress, unit="layer")
     for i in bar:
-        lp = layers[i]
+        lp = layer_params(params, i)
         hess, dense_out = layer_hessians(cfg, lp, h, mask, positions, batch_size)
         new = on_layer(i, lp, hess)
         if new is not None:
-            layers[i], changed = new, True
+            new_layers[i] = new
         if mode == "sequential" and new is not None:
             h = layer_outputs(cfg, new, h, mask, positions, batch_size)
         else:
             h = dense_out
-        del hess
-    return with_layers(params, layers) if changed else params
+        del hess, lp
+    if not new_layers:
+        return params
+    return with_layers(
+        params, [new_layers[i] if i in new_layers else layer_params(params, i) for i in range(n)]
+    )

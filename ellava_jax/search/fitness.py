@@ -35,6 +35,7 @@ from ellava_jax.model.llama import (
     attention_mask_4d,
     positions_from_mask,
     rope_cos_sin,
+    take_layer,
     with_layers,
 )
 from ellava_jax.model.llava import decode, lm_head, merge_image_features, project
@@ -219,7 +220,7 @@ def population_loss_sums(
     for layer in range(n):
         h = _layer_step_jit(
             config.text,
-            jax.tree_util.tree_map(lambda x, i=layer: x[i], shared_stack),
+            take_layer(shared_stack, layer),
             db.layer_kernels(layer),
             lv_layers[:, layer],
             h,
