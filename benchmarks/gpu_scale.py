@@ -56,6 +56,8 @@ def build(args):
         projector_steps=1,
         streaming=args.streaming,
         row_chunk=args.row_chunk,
+        candidate_chunk=args.candidate_chunk,
+        projector_offload=args.offload,
     )
     proxy = random_proxy(config, args.rows, args.seq, args.mm_rows)
     return config, params, settings, proxy
@@ -112,12 +114,25 @@ def run_phase(args) -> dict:
                 0.5,
                 streaming=settings.streaming,
                 row_chunk=settings.row_chunk,
+                candidate_chunk=settings.candidate_chunk,
             )
             jax.block_until_ready(out)
         else:
             w = np.full(settings.top_k, 1.0 / settings.top_k)
             proj, _ = train_projector(
-                config, params, db, space, idx[: settings.top_k], w, fb.training, steps=1, lr=1e-4
+                config,
+                params,
+                db,
+                space,
+                idx[: settings.top_k],
+                w,
+                fb.training,
+                steps=1,
+                lr=1e-4,
+                streaming=settings.streaming,
+                row_chunk=settings.row_chunk,
+                candidate_chunk=settings.candidate_chunk,
+                offload=settings.projector_offload,
             )
             jax.block_until_ready(proj)
     seconds = time.perf_counter() - t0
@@ -137,13 +152,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256, help="tokens per segment (paper: 256)")
     ap.add_argument("--mm-rows", type=int, default=32, help="multimodal samples")
     ap.add_argument("--row-chunk", type=int, default=8)
+    ap.add_argument("--candidate-chunk", type=int, default=4)
     ap.add_argument("--streaming", action="store_true")
+    ap.add_argument("--offload", action="store_true", help="projector layer inputs on the host")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.rows, args.seq, args.mm_rows, args.population, args.top_k = 4, 16, 2, 4, 2
-        args.row_chunk, args.layers, args.dtype = 2, 2, "float32"
+        args.row_chunk, args.candidate_chunk, args.layers, args.dtype = 2, 3, 2, "float32"
     if args.phase != "all":
         print(json.dumps(run_phase(args)), flush=True)
         return 0

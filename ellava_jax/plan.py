@@ -12,7 +12,8 @@ Steps (the order a search runs them):
   database        SparseGPT at every level for the largest matrix (the level database's OBS)
   fitness         the population's decoder pass on each proxy part (scanned, or one streamed
                   layer step and the head), `population` candidates
-  projector       the projector's training steps on the multimodal samples (top_k candidates)
+  projector       the projector's training on the multimodal samples (top_k candidates): all
+                  steps in one scanned program, or streamed, one layer forward / backward
   final_prune     one sequential SparseGPT call on the largest matrix (calibration as above)
   evaluation      one forward pass of an evaluation batch
 
@@ -57,8 +58,10 @@ def _nbytes(tree) -> int:
     return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def program_peak(jitted, *args) -> int:
-    """Per-device peak bytes of `jitted` compiled for `args` (abstract arrays)."""
+def program_peak(jitted, *args, resident: int = 0) -> int:
+    """Per-device peak bytes of `jitted` compiled for `args` (abstract arrays), less
+    `resident`: the bytes of arguments that stay on the device anyway (the parameters, an
+    on-device database), which a step counts once, as held outside the program."""
     m = jitted.lower(*args).compile().memory_analysis()
     if m is None:  # a backend without the analysis
         return 0
@@ -67,7 +70,17 @@ def program_peak(jitted, *args) -> int:
         + m.output_size_in_bytes
         + m.temp_size_in_bytes
         - m.alias_size_in_bytes
+        - resident
     )
+
+
+def _chunk_note(settings) -> str:
+    out = ""
+    if settings.candidate_chunk is not None:
+        out += f", blocks of {settings.candidate_chunk} candidates"
+    if settings.row_chunk is not None:
+        out += f", {settings.row_chunk} rows per block"
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +189,10 @@ def plan(
     Returns {"steps": {name: total bytes}, "detail": {name: {program, held, note}},
     "host_bytes": {...}, "h2d_bytes_per_round": int, "backend": str, "fits": bool | None,
     "device_memory": bytes | None, "shapes": {...}}."""
-    from ellava_jax.model.llava import _forward, param_shapes
+    from ellava_jax.model.llava import param_shapes
     from ellava_jax.search import fitness as F
-    from ellava_jax.search.projector import MultimodalProxy, _train
+    from ellava_jax.search import projector as P
+    from ellava_jax.search.projector import MultimodalProxy
 
     dtype = jnp.dtype(dtype)
     cfg = config.text
@@ -189,12 +203,15 @@ def plan(
     db_bytes = shapes.levels * linears * dtype.itemsize
     db_on_device = settings.database_storage == "device"
     vocab = cfg.vocab_size
-    kl_rows = []
+    # KL targets (float32 log-probs over the vocabulary) live in host memory
+    kl_fitness_bytes = 0
     if settings.fitness_loss == "kl":
-        kl_rows.append(shapes.text_rows * shapes.text_len)
-    if shapes.mm_rows and (settings.fitness_loss == "kl" or settings.projector_loss == "kl"):
-        kl_rows.append(shapes.mm_rows * shapes.mm_len)
-    kl_bytes = sum(kl_rows) * vocab * 4
+        kl_fitness_bytes = shapes.text_rows * shapes.text_len + shapes.mm_rows * shapes.mm_len
+    kl_bytes = kl_fitness_bytes
+    if shapes.mm_rows and settings.fitness_loss != "kl" and settings.projector_loss == "kl":
+        kl_bytes += shapes.mm_rows * shapes.mm_len
+    kl_fitness_bytes *= vocab * 4
+    kl_bytes *= vocab * 4
 
     steps: list[Step] = []
     steps.append(_calibration_step(config, dtype, shapes, settings.calib_batch_size))
@@ -213,84 +230,169 @@ def plan(
 
     # fitness: each part's pass for the whole population
     p = shapes.population
+    n_layers, hid = cfg.num_hidden_layers, cfg.hidden_size
     stacks_all = {
-        m: _sds((cfg.num_hidden_layers, shapes.levels, *matrix_shape(config, m)), dtype)
-        for m in MATRICES
+        m: _sds((n_layers, shapes.levels, *matrix_shape(config, m)), dtype) for m in MATRICES
     }
     stacks_one = {m: _sds(x.shape[1:], dtype) for m, x in stacks_all.items()}
+    shared = {
+        k: {"scale": _sds((hid,), dtype)} for k in ("input_layernorm", "post_attention_layernorm")
+    }
+    chunks = (settings.candidate_chunk, settings.row_chunk)
     parts = [(shapes.text_rows, shapes.text_len, settings.fitness_loss == "kl")]
     if shapes.mm_rows:
         parts.append((shapes.mm_rows, shapes.mm_len, settings.fitness_loss == "kl"))
     fit_peak = 0
-    chunk = settings.row_chunk
     for n, t, kl in parts:
-        n = n if chunk is None else min(n, chunk)  # one chunk of rows at a time
-        emb = _sds((n, t, cfg.hidden_size), dtype)
-        mask, labels = _sds((n, t), jnp.int32), _sds((n, t), jnp.int32)
-        lmask = _sds((n, t), jnp.float32)
-        logp = _sds((n, t, vocab), jnp.float32) if kl else None
+        rc = n if settings.row_chunk is None else min(n, settings.row_chunk)
+        mask = _sds((n, t), jnp.int32)
         if settings.streaming:
-            shared = {
-                k: {"scale": _sds((cfg.hidden_size,), dtype)}
-                for k in ("input_layernorm", "post_attention_layernorm")
-            }
             lv = _sds((p, len(MATRICES)), jnp.int32)
-            h = _sds((p, n, t, cfg.hidden_size), dtype)
-            step = program_peak(
-                jax.jit(lambda *a: F._layer_step_jit(cfg, *a)), shared, stacks_one, lv, h, mask
+            h = _sds((p, n, t, hid), dtype)
+            layer = program_peak(
+                jax.jit(lambda *a: F._layer_step_jit(cfg, *a, chunks=chunks)),
+                shared,
+                stacks_one,
+                lv,
+                h,
+                mask,
             )
+            # the head, one chunk of rows (and its KL targets) at a time, beside the whole h
             head = program_peak(
-                jax.jit(partial(F._head_loss_sums, config)), params, h, labels, lmask, logp
-            )
-            fit_peak = max(fit_peak, step, head)
+                jax.jit(partial(F._head_loss_sums, config)),
+                params,
+                _sds((p, rc, t, hid), dtype),
+                _sds((rc, t), jnp.int32),
+                _sds((rc, t), jnp.float32),
+                _sds((rc, t, vocab), jnp.float32) if kl else None,
+                resident=param_bytes,
+            ) + _nbytes(h)
+            fit_peak = max(fit_peak, layer, head)
         else:
-            lv = _sds((p, cfg.num_hidden_layers, len(MATRICES)), jnp.int32)
-            fn = jax.jit(lambda *a: F.population_sums_jit(config, *a))
-            fit_peak = max(
-                fit_peak, program_peak(fn, params, stacks_all, lv, emb, mask, labels, lmask, logp)
+            lv = _sds((p, n_layers, len(MATRICES)), jnp.int32)
+            fn = jax.jit(lambda *a: F.population_sums_jit(config, *a, chunks=chunks))
+            args = (
+                params,
+                stacks_all,
+                lv,
+                _sds((n, t, hid), dtype),
+                mask,
+                _sds((n, t), jnp.int32),
+                _sds((n, t), jnp.float32),
+                _sds((n, t, vocab), jnp.float32) if kl else None,
             )
+            fit_peak = max(fit_peak, program_peak(fn, *args, resident=param_bytes + held_db))
     steps.append(
         Step(
             "fitness",
             fit_peak,
-            param_bytes + kl_bytes + (held_db if not settings.streaming else 0),
+            param_bytes + (held_db if not settings.streaming else 0),
             ("one streamed layer and the head" if settings.streaming else "the scanned decoder")
             + f", {p} candidates"
-            + ("" if chunk is None else f", {chunk} rows per chunk"),
+            + _chunk_note(settings),
         )
     )
 
+    proj_h2d, proj_host = 0, 0
     if shapes.mm_rows:
         m = shapes.top_k
         n, t = shapes.mm_rows, shapes.mm_len
-        v = config.vision
         n_img = config.num_image_tokens
-        feat = v.hidden_size * len(config.feature_layers)
+        feat = config.vision.hidden_size * len(config.feature_layers)
+        kl = settings.projector_loss == "kl"
         mm = MultimodalProxy(
             _sds((n, t), jnp.int32),
             _sds((n, t), jnp.int32),
-            _sds((n, t, cfg.hidden_size), dtype),
+            _sds((n, t, hid), dtype),
             _sds((n, n_img, feat), dtype),
             _sds((n, t), jnp.int32),
             _sds((n, t), jnp.float32),
-            _sds((n, t, vocab), jnp.float32) if settings.projector_loss == "kl" else None,
+            _sds((n, t, vocab), jnp.float32) if kl else None,
         )
         proj = params["multi_modal_projector"]
-        lv = _sds((m, cfg.num_hidden_layers, len(MATRICES)), jnp.int32)
-        fn = jax.jit(
-            lambda proj, params, stacks, lv, w, mm: _train(
-                proj, config, int(settings.projector_steps), 1e-4, params, stacks, lv, w, [mm]
+        steps_n = int(settings.projector_steps)
+        h = _sds((m, n, t, hid), dtype)
+        if settings.streaming:
+            lv = _sds((m, len(MATRICES)), jnp.int32)
+            mask = _sds((n, t), jnp.int32)
+            fwd = program_peak(
+                jax.jit(lambda *a: F._layer_step_jit(cfg, *a, chunks=chunks)),
+                shared,
+                stacks_one,
+                lv,
+                h,
+                mask,
             )
-        )
-        peak = program_peak(fn, proj, params, stacks_all, lv, _sds((m,), jnp.float32), mm)
-        steps.append(
-            Step(
-                "projector",
-                peak,
-                0,
-                f"{m} candidates x {n} samples x {t} tokens, every layer's stacks as arguments",
+            bwd = program_peak(
+                jax.jit(lambda *a: P._layer_vjp(cfg, *a, chunks=chunks)),
+                shared,
+                stacks_one,
+                lv,
+                h,
+                mask,
+                h,
             )
-        )
+            rc = n if settings.row_chunk is None else min(n, settings.row_chunk)
+            head = program_peak(
+                jax.jit(partial(P._head_grad, config)),
+                params,
+                _sds((m, rc, t, hid), dtype),
+                _sds((rc, t), jnp.int32),
+                _sds((rc, t), jnp.float32),
+                _sds((rc, t, vocab), jnp.float32) if kl else None,
+                _sds((m,), jnp.float32),
+                resident=param_bytes,
+            ) + 2 * _nbytes(h)  # beside it: the last layer's output and its cotangent
+            inputs = n_layers * _nbytes(h)  # every layer's input, kept for the backward pass
+            held = param_bytes + _nbytes(mm) - (_nbytes(mm.dense_logp) if kl else 0)
+            where = "host" if settings.projector_offload else "device"
+            if settings.projector_offload:
+                proj_host = inputs
+                proj_h2d += steps_n * inputs
+            else:
+                held += inputs
+            if not db_on_device:
+                proj_h2d += steps_n * 2 * db_bytes  # each layer's stacks, forward and backward
+            if kl:
+                proj_h2d += steps_n * _nbytes(mm.dense_logp)
+            steps.append(
+                Step(
+                    "projector",
+                    max(fwd, bwd, head),
+                    held,
+                    f"{m} candidates x {n} samples x {t} tokens, streamed"
+                    + _chunk_note(settings)
+                    + f", layer inputs on the {where} ({inputs / GB:.1f} GB)",
+                )
+            )
+        else:
+            lv = _sds((m, n_layers, len(MATRICES)), jnp.int32)
+            fn = jax.jit(
+                lambda proj, params, stacks, lv, w, mm: P._train(
+                    proj, config, steps_n, 1e-4, params, stacks, lv, w, [mm], chunks=chunks
+                )
+            )
+            peak = program_peak(
+                fn,
+                proj,
+                params,
+                stacks_all,
+                lv,
+                _sds((m,), jnp.float32),
+                mm,
+                resident=param_bytes + held_db,
+            )
+            if kl:
+                proj_h2d += _nbytes(mm.dense_logp)
+            steps.append(
+                Step(
+                    "projector",
+                    peak,
+                    param_bytes + held_db,
+                    f"{m} candidates x {n} samples x {t} tokens, the scanned decoder"
+                    + _chunk_note(settings),
+                )
+            )
 
     steps.append(
         Step(
@@ -301,21 +403,17 @@ def plan(
         )
     )
 
-    if config.is_text_only:
-        b, t = EVAL_TEXT_ONLY
-        pix = None
-    else:
-        b, t = EVAL_BATCH, config.num_image_tokens + text_tokens
-        v = config.vision
-        pix = _sds((b, v.num_channels, v.image_size, v.image_size), jnp.float32)
-    ids, mask = _sds((b, t), jnp.int32), _sds((b, t), jnp.int32)
-    ev = program_peak(jax.jit(partial(_forward, config)), params, ids, pix, mask)
-    steps.append(Step("evaluation", ev, 0, f"{b} rows x {t} tokens"))
+    steps.append(evaluation_step(config, dtype, text_tokens))
 
-    n_parts = len(parts) + (1 if shapes.mm_rows and settings.projector_steps > 0 else 0)
+    # per round: each fitness part's pass (a streamed one reads every layer's stacks once;
+    # the text part is scored for new policies only, counted here as every round) and its KL
+    # targets, and the projector step's
+    fit_h2d = 0 if db_on_device else len(parts) * db_bytes
+    fit_h2d += kl_fitness_bytes
     host = {
         "level_database": 0 if db_on_device else db_bytes,
-        "kl_targets": 0,  # held on the device (counted in fitness), none on the host
+        "kl_targets": kl_bytes,
+        "projector_layer_inputs": proj_host,
         "parameters": param_bytes,
     }
     limit = None if device_memory is None else int(device_memory)
@@ -324,7 +422,7 @@ def plan(
         "steps": {s.name: s.total for s in steps},
         "detail": {s.name: {"program": s.program, "held": s.held, "note": s.note} for s in steps},
         "host_bytes": host,
-        "h2d_bytes_per_round": 0 if db_on_device else n_parts * db_bytes,
+        "h2d_bytes_per_round": fit_h2d + proj_h2d,
         "backend": f"{jax.default_backend()} ({dev.device_kind})",
         "device_memory": limit,
         "fits": None if limit is None else all(s.total <= limit for s in steps),
@@ -332,6 +430,45 @@ def plan(
         "shapes": dataclasses.asdict(shapes),
         "kl_target_bytes": kl_bytes,
     }
+
+
+def evaluation_step(config: LlavaConfig, dtype, text_tokens: int, two_layers=None) -> Step:
+    """One forward pass of an evaluation batch: the model's parameters held, the program's own
+    buffers beside them.
+
+    A CPU compile of a 16-bit model converts every layer's stacked weights to float32 ahead of
+    the scanned decoder loop (XLA:CPU computes bfloat16 dots in float32; an accelerator keeps
+    them in bfloat16): at 13B that alone is 53 GB no GPU allocates. There (`two_layers` None:
+    the backend decides) the program is compiled at depth 2 (a loop of one step is compiled
+    away), two layers' upcast included: the scanned decoder's buffers do not grow with depth
+    (tests/test_plan.py), its weights are held."""
+    from ellava_jax.model.llava import _forward, param_shapes
+
+    dtype = jnp.dtype(dtype)
+    if two_layers is None:
+        two_layers = jax.default_backend() == "cpu" and dtype.itemsize < 4
+    if config.is_text_only:
+        b, t = EVAL_TEXT_ONLY
+        pix = None
+    else:
+        b, t = EVAL_BATCH, config.num_image_tokens + text_tokens
+        v = config.vision
+        pix = _sds((b, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    ids, mask = _sds((b, t), jnp.int32), _sds((b, t), jnp.int32)
+    compiled = config
+    if two_layers:
+        depth = min(2, config.text.num_hidden_layers)
+        compiled = dataclasses.replace(
+            config, text=dataclasses.replace(config.text, num_hidden_layers=depth)
+        )
+    params = param_shapes(compiled, dtype)
+    ev = program_peak(
+        jax.jit(partial(_forward, compiled)), params, ids, pix, mask, resident=_nbytes(params)
+    )
+    note = f"{b} rows x {t} tokens"
+    if two_layers:
+        note += " (CPU, 16-bit: compiled at depth 2, see ellava_jax/plan.py)"
+    return Step("evaluation", ev, _nbytes(param_shapes(config, dtype)), note)
 
 
 def parse_bytes(text: str) -> int:

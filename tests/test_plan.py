@@ -80,13 +80,24 @@ def test_plan_figures_are_the_compiled_programs(tmp_path):
     llama = get_preset("tiny-llama")  # text alone: the text part is the fitness's only part
     fit = [plan(base.replace(proxy_segments=n), llama, dtype="float32") for n in (4, 16)]
     assert fit[1]["detail"]["fitness"]["program"] > fit[0]["detail"]["fitness"]["program"]
-    # chunks of rows: the program holds one chunk, whatever the rows
+    # blocks of rows: each layer's activations and the head's logits exist for one block
     chunked = plan(base.replace(proxy_segments=16, row_chunk=4), llama, dtype="float32")
-    assert chunked["detail"]["fitness"]["program"] == fit[0]["detail"]["fitness"]["program"]
+    assert chunked["detail"]["fitness"]["program"] < fit[1]["detail"]["fitness"]["program"]
     host = plan(base.replace(database_storage="host", streaming=True), config, dtype="float32")
     assert host["host_bytes"]["level_database"] > 0 == a["host_bytes"]["level_database"]
     assert host["h2d_bytes_per_round"] >= host["host_bytes"]["level_database"]
     assert "projector" in a["steps"] and "projector" not in fit[0]["steps"]  # text only
+    # the projector streamed: one layer forward or backward; its layer inputs may go to the host
+    mm = base.replace(proxy_multimodal_samples=4, top_k=4, database_storage="host", streaming=True)
+    whole = plan(mm, config, dtype="float32")["detail"]["projector"]
+    blocks = plan(mm.replace(row_chunk=2, candidate_chunk=2), config, dtype="float32")
+    off = plan(mm.replace(projector_offload=True), config, dtype="float32")
+    assert blocks["detail"]["projector"]["program"] < whole["program"]
+    assert off["detail"]["projector"]["held"] < whole["held"]
+    assert (
+        off["host_bytes"]["projector_layer_inputs"]
+        == whole["held"] - off["detail"]["projector"]["held"]
+    )
     # program_peak is memory_analysis of the compiled program
     f = jax.jit(lambda x: (x @ x.T).sum())
     x = jax.ShapeDtypeStruct((64, 32), "float32")
@@ -97,6 +108,30 @@ def test_plan_figures_are_the_compiled_programs(tmp_path):
         + m.temp_size_in_bytes
         - m.alias_size_in_bytes
     )
+
+
+def test_evaluation_at_depth_two_is_the_whole_model_where_nothing_is_upcast():
+    """The CPU estimate of a 16-bit evaluation compiles the scanned model at depth 2 (XLA:CPU
+    upcasts every stacked layer's weights ahead of the loop): in float32, where nothing is
+    upcast, it equals the whole model's compile; in bfloat16 the whole compile is larger by
+    two bytes per weight of the other layers (their float32 copies), and by no more."""
+    import dataclasses
+
+    from ellava_jax.plan import evaluation_step
+
+    base = get_preset("tiny-llama")
+
+    def depth(n):
+        return dataclasses.replace(base, text=dataclasses.replace(base.text, num_hidden_layers=n))
+
+    whole = evaluation_step(depth(6), "float32", 0, two_layers=False)
+    two = evaluation_step(depth(6), "float32", 0, two_layers=True)
+    assert (two.program, two.held) == (whole.program, whole.held)
+    whole16 = evaluation_step(depth(6), "bfloat16", 0, two_layers=False)
+    two16 = evaluation_step(depth(6), "bfloat16", 0, two_layers=True)
+    layer_bytes = whole16.held - evaluation_step(depth(5), "bfloat16", 0, two_layers=False).held
+    assert two16.held == whole16.held
+    assert whole16.program - two16.program == 4 * 2 * layer_bytes
 
 
 def test_plan_reads_no_file_of_the_recipe(tmp_path, capsys):

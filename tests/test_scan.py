@@ -87,6 +87,20 @@ def _steps(n_layers: int) -> dict[str, list[float]]:
             config, params, db, space, idx[:2], np.array([0.5, 0.5]), fb.training, steps=2, lr=1e-3
         )
     out["projector"] = c.seconds
+    with Compiles() as c:
+        train_projector(
+            config,
+            params,
+            db,
+            space,
+            idx[:2],
+            np.array([0.5, 0.5]),
+            fb.training,
+            steps=2,
+            lr=1e-3,
+            streaming=True,
+        )
+    out["projector_streaming"] = c.seconds
     return out
 
 

@@ -136,11 +136,38 @@ def test_row_chunks_give_the_fitness_of_whole_parts(tiny_search):
     assert max(p.inputs_embeds.shape[0] for p in parts) > 4  # 4 rows: chunks, one padded
     whole = fitness(config, params, db, space, idx, parts, 0.5)
     for streaming in (False, True):
-        chunked = fitness(
-            config, params, db, space, idx, parts, 0.5, streaming=streaming, row_chunk=4
-        )
-        for a, b in zip(chunked, whole):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+        for rows, cands in ((4, None), (4, 3), (None, 5)):
+            chunked = fitness(
+                config,
+                params,
+                db,
+                space,
+                idx,
+                parts,
+                0.5,
+                streaming=streaming,
+                row_chunk=rows,
+                candidate_chunk=cands,
+            )
+            for a, b in zip(chunked, whole):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
+def test_chunked_proxy_preparation_gives_the_same_features_and_kl_targets(tiny_search):
+    """With row_chunk, the tower's features and the dense KL targets are computed that many
+    rows at a time (the last pass padded): the same arrays; the KL targets live on the host."""
+    config, params, settings, space, db, fb = tiny_search
+    proxy = random_proxy(config, 6, 24, 3)
+    s = settings.replace(fitness_loss="kl")
+    whole = FitnessBatches(config, params, proxy, s)
+    chunked = FitnessBatches(config, params, proxy, s.replace(row_chunk=2))
+    assert len(whole.mm) == len(chunked.mm) and len(whole.text) == len(chunked.text)
+    for a, b in zip(whole.mm + whole.text, chunked.mm + chunked.text):
+        assert isinstance(b.dense_logp, np.ndarray)
+        np.testing.assert_allclose(b.dense_logp, a.dense_logp, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole.mm, chunked.mm):
+        a_f, b_f = np.asarray(a.vision_feats), np.asarray(b.vision_feats)
+        np.testing.assert_allclose(b_f, a_f, rtol=1e-5, atol=1e-6)  # batch size moves the 7th digit
 
 
 def test_population_terms_say_which_term_ranks_the_population():
@@ -226,6 +253,51 @@ def test_projector_training_moves_only_the_projector_and_lowers_its_loss(tiny_se
     assert not np.allclose(
         new["linear_1"]["kernel"], params["multi_modal_projector"]["linear_1"]["kernel"]
     )
+
+
+def test_streamed_projector_step_gives_the_unstreamed_projector(tiny_search):
+    """The projector's gradient taken layer by layer (forward keeping each layer's input, on
+    the device or the host, backward by one vjp per layer), in blocks of rows x candidates (the
+    last ones padded), equals the one-program gradient over the whole decoder to 1e-5; so do
+    the losses, and the trained projector to 1e-4 of its update's norm (Adam's step is about lr
+    wherever the gradient is not zero, so summation order moves a near-zero element by up to
+    that: 1.2e-6 at lr 1e-3 here)."""
+    from ellava_jax.search.fitness import layer_entries
+    from ellava_jax.search.projector import _streamed_gradient, _weighted_loss
+
+    config, params, settings, space, db, fb = tiny_search
+    idx = space.random(4, np.random.default_rng(2))
+    c = importance_weights(idx, 3)
+    proj = params["multi_modal_projector"]
+    lv = jnp.asarray(idx[:, layer_entries(space)])
+    w = jnp.asarray(c, jnp.float32)
+    assert max(m.input_ids.shape[0] for m in fb.training) > 2  # 2 rows: a padded chunk
+    (loss, _), grad = jax.value_and_grad(_weighted_loss, has_aux=True)(
+        proj, config, params, db.device_stacks(), lv, w, fb.training, (None, None)
+    )
+    kw = dict(steps=3, lr=1e-3, mass=1.0)
+    whole, whole_losses = train_projector(config, params, db, space, idx, c, fb.training, **kw)
+    for how in (
+        dict(streaming=True),
+        dict(streaming=True, row_chunk=2, candidate_chunk=3, offload=True),
+        dict(streaming=False, row_chunk=2, candidate_chunk=3),
+    ):
+        if how["streaming"]:
+            chunks = (how.get("candidate_chunk"), how.get("row_chunk"))
+            l2, g2 = _streamed_gradient(
+                config, params, db, lv, w, fb.training, proj, chunks, how.get("offload", False)
+            )
+            np.testing.assert_allclose(l2, float(loss), rtol=1e-5)
+            for x, y in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(grad)):
+                y = np.asarray(y)
+                np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-5 * abs(y).max())
+        new, losses = train_projector(config, params, db, space, idx, c, fb.training, **kw, **how)
+        np.testing.assert_allclose(losses, whole_losses, rtol=1e-5, atol=1e-7, err_msg=str(how))
+        for x, y, x0 in zip(*(jax.tree_util.tree_leaves(t) for t in (new, whole, proj))):
+            x, y, x0 = (np.asarray(v, np.float64) for v in (x, y, x0))
+            assert np.linalg.norm(x - y) <= 1e-4 * np.linalg.norm(y - x0), how
+    with pytest.raises(ValueError, match="streaming only"):
+        train_projector(config, params, db, space, idx, c, fb.training, **kw, offload=True)
 
 
 def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):

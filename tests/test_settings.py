@@ -127,6 +127,17 @@ def test_out_of_range_via_set_names_set_and_recipe(tmp_path):
     ):
         _load("row_chunk=65")
     assert _load("row_chunk=8").row_chunk == 8
+    with pytest.raises(SettingError, match=r"^--set candidate_chunk=17: exceeds population=16"):
+        _load("candidate_chunk=17")
+    # a path that cannot stream: host storage or offloaded layer inputs without streaming
+    with pytest.raises(
+        SettingError, match=r"^--set database_storage=host: needs streaming=true \(host storage"
+    ):
+        _load("database_storage=host")
+    with pytest.raises(SettingError, match=r"^--set projector_offload=true: needs streaming=true"):
+        _load("projector_offload=true")
+    ok = _load("database_storage=host", "streaming=true", "projector_offload=true")
+    assert ok.projector_offload and ok.database_storage == "host"
     # in a recipe, the error names the file
     p = tmp_path / "r.yaml"
     p.write_text("rounds: -1\n")

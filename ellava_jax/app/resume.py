@@ -34,6 +34,8 @@ RESULT_FREE = (
     "database_storage",
     "streaming",
     "row_chunk",
+    "candidate_chunk",
+    "projector_offload",
     "calib_batch_size",
     "eval_data",
     "eval_limit",

@@ -227,6 +227,7 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                 cache=fb.cache,
                 streaming=s.streaming,
                 row_chunk=s.row_chunk,
+                candidate_chunk=s.candidate_chunk,
                 g_reading=s.g_reading,
             )
 
@@ -245,6 +246,10 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                 steps=s.projector_steps,
                 lr=s.projector_lr,
                 mass=s.projector_mass,
+                streaming=s.streaming,
+                row_chunk=s.row_chunk,
+                candidate_chunk=s.candidate_chunk,
+                offload=s.projector_offload,
             )
 
         def show(r):

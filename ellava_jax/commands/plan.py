@@ -75,10 +75,10 @@ def run(args) -> int:
     print("\n".join(markdown(result, source)))
     h = result["host_bytes"]
     print(
-        f"host: level database {h['level_database'] / GB:.1f} GB, parameters "
-        f"{h['parameters'] / GB:.1f} GB; host-to-device per round "
-        f"{result['h2d_bytes_per_round'] / GB:.1f} GB; KL targets on the device "
-        f"{result['kl_target_bytes'] / GB:.1f} GB"
+        f"host: level database {h['level_database'] / GB:.1f} GB, KL targets "
+        f"{h['kl_targets'] / GB:.1f} GB, projector layer inputs "
+        f"{h['projector_layer_inputs'] / GB:.1f} GB, parameters {h['parameters'] / GB:.1f} GB; "
+        f"host-to-device per round {result['h2d_bytes_per_round'] / GB:.1f} GB"
     )
     if limit is not None:
         print(

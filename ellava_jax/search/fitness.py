@@ -11,7 +11,9 @@ database's [L, K, in, out] stacks: one layer in the program whatever the depth):
 each candidate's kernels are gathered from the stacks ([K, in, out] -> [P, in, out]) and the
 layer is vmapped over candidates. `streaming=True` runs one jitted layer step at a time (the
 same program for every layer), so only one layer's stacks are on the device at once (the
-database may live on the host); the default scans the whole decoder in one program.
+database may live on the host); the default scans the whole decoder in one program. Either way
+a layer may run in blocks of candidates x rows (`candidate_chunk`, `row_chunk`), one block's
+activations alive at a time (`_layer_population`).
 
 The proxy samples come as parts (`ProxyBatch` each), every part padded only to its own longest
 row; L_proxy is the token-weighted mean over all parts. A part marked `fixed` (the text
@@ -106,9 +108,21 @@ def _with_kernels(shared: dict, kernels: dict) -> dict:
     return lp
 
 
-def _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4):
-    """One decoder layer for every candidate. stacks {m: [K,in,out]}, lv [P, 7], h [P, N, T, H]."""
-    kern = {m: stacks[m][lv[:, j]] for j, m in enumerate(MATRICES)}  # [P, in, out]
+def _pad_index(n: int, size: int) -> np.ndarray:
+    """0 .. n-1, then 0 again up to a multiple of `size`: a padded chunk repeats the first row
+    (a real one, so no padded row is all-masked and nothing turns NaN)."""
+    m = -(-n // size) * size
+    i = np.arange(m)
+    return np.where(i < n, i, 0)
+
+
+def _layer_block(cfg, shared, stacks, lv, h, mask):
+    """One decoder layer for candidates lv [p, 7] on rows h [p, n, T, H] with mask [n, T];
+    stacks {m: [K, in, out]} (each candidate's kernels gathered: [p, in, out])."""
+    positions = positions_from_mask(mask)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+    m4 = attention_mask_4d(mask, h.shape[2])
+    kern = {m: stacks[m][lv[:, j]] for j, m in enumerate(MATRICES)}
 
     def one(k, hp):
         lp = _with_kernels(shared, k)
@@ -117,7 +131,39 @@ def _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4):
     return jax.vmap(one)(kern, h)
 
 
-def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat=False):
+def _layer_population(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
+    """One decoder layer for every candidate: lv [P, 7], h [P, N, T, H] -> [P, N, T, H].
+
+    chunks = (candidates, rows) per pass (None: all): the layer runs on one block of that many
+    candidates x rows at a time (`lax.map`), each block recomputed in a backward pass
+    (`jax.checkpoint`), so its activations and attention scores exist for one block only. A
+    last, short block is padded by repeating the first candidate / row; the padding is cut."""
+    n_p, n_r = h.shape[:2]
+    pc = n_p if chunks[0] is None else min(chunks[0], n_p)
+    rc = n_r if chunks[1] is None else min(chunks[1], n_r)
+    if pc == n_p and rc == n_r:
+        return _layer_block(cfg, shared, stacks, lv, h, mask)
+    ci, ri = _pad_index(n_p, pc), _pad_index(n_r, rc)
+    tail = h.shape[2:]
+    if len(ci) > n_p:  # padded (a gather copies; a reshape does not)
+        lv, h = lv[ci], h[ci]
+    if len(ri) > n_r:
+        h, mask = h[:, ri], mask[ri]
+    lvc = lv.reshape(len(ci) // pc, pc, lv.shape[1])
+    hc = h.reshape(len(ci) // pc, pc, len(ri) // rc, rc, *tail)
+    mc = mask.reshape(len(ri) // rc, rc, mask.shape[1])
+    block = jax.checkpoint(partial(_layer_block, cfg, shared, stacks))
+
+    def candidates(a):
+        lv_c, h_c = a  # [pc, 7], [pc, nr, rc, T, H]
+        out = jax.lax.map(lambda b: block(lv_c, b[0], b[1]), (jnp.swapaxes(h_c, 0, 1), mc))
+        return jnp.swapaxes(out, 0, 1)  # [pc, nr, rc, T, H]
+
+    out = jax.lax.map(candidates, (lvc, hc))
+    return out.reshape(len(ci), len(ri), *tail)[:n_p, :n_r]
+
+
+def _scan_population(cfg, params, stacks, lv_layers, h, mask, remat=False, chunks=(None, None)):
     """Every decoder layer for every candidate, as one scanned layer: stacks {m: [L, K, in,
     out]}, lv_layers [P, L, 7], h [P, N, T, H] -> [P, N, T, H]. `remat`: a backward pass
     recomputes each layer from its input (`jax.checkpoint`), so only the layers' inputs are
@@ -125,7 +171,7 @@ def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat=Fals
 
     def body(hp, xs):
         shared, layer_stacks, lv = xs
-        return _layer_population(cfg, shared, layer_stacks, lv, hp, cos, sin, m4), None
+        return _layer_population(cfg, shared, layer_stacks, lv, hp, mask, chunks), None
 
     if remat:
         body = jax.checkpoint(body)
@@ -134,45 +180,68 @@ def _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat=Fals
     return jax.lax.scan(body, h, xs)[0]
 
 
-def _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat=False):
-    """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map keeps one logits alive;
-    `remat`: nor does a backward pass, which recomputes them)."""
+def _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat=False, row_chunk=None):
+    """Per-candidate loss sum from final hidden [P, N, T, H] (lax.map over candidates, and over
+    chunks of `row_chunk` rows: one block's logits alive at a time; `remat`: nor does a
+    backward pass keep them, it recomputes them)."""
     norm = RMSNorm(config.text.rms_norm_eps)
     norm_p = {"params": params["language_model"]["norm"]}
 
-    def one(hp):
+    def rows_sum(hp, lab, lmask, logp):
         logits = lm_head(config, params, norm.apply(norm_p, hp))
-        return token_loss_sum(logits, labels, label_mask, dense_logp)[0]
+        return token_loss_sum(logits, lab, lmask, logp)[0]
 
-    return jax.lax.map(jax.checkpoint(one) if remat else one, h)
+    f = jax.checkpoint(rows_sum) if remat else rows_sum
+    n = h.shape[1]
+    rc = n if row_chunk is None else min(row_chunk, n)
+    if rc == n:
+        return jax.lax.map(lambda hp: f(hp, labels, label_mask, dense_logp), h)
+    ri = _pad_index(n, rc)
+    nr = len(ri) // rc
+
+    def split(x):
+        return None if x is None else x[ri].reshape(nr, rc, *x.shape[1:])
+
+    real = jnp.asarray(np.arange(len(ri)) < n, label_mask.dtype)[:, None]
+    lab, logp = split(labels), split(dense_logp)
+    lmask = (label_mask[ri] * real).reshape(nr, rc, -1)
+
+    def one(hp):
+        return jax.lax.map(lambda a: f(*a), (split(hp), lab, lmask, logp)).sum()
+
+    return jax.lax.map(one, h)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="remat")
+@partial(jax.jit, static_argnums=0, static_argnames=("remat", "chunks"))
 def population_sums_jit(
-    config, params, stacks, lv_layers, embeds, mask, labels, label_mask, dense_logp, remat=False
+    config,
+    params,
+    stacks,
+    lv_layers,
+    embeds,
+    mask,
+    labels,
+    label_mask,
+    dense_logp,
+    remat=False,
+    chunks=(None, None),
 ):
     """[P] loss sums of one part for the candidates' levels lv_layers [P, L, 7] (`remat`: for
-    a backward pass, layers recomputed from their inputs)."""
-    cfg = config.text
+    a backward pass, layers recomputed from their inputs; `chunks`: (candidates, rows) per
+    block of a layer, rows per block of the head)."""
     p = lv_layers.shape[0]
-    positions = positions_from_mask(mask)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
-    m4 = attention_mask_4d(mask, embeds.shape[1])
     h = jnp.broadcast_to(embeds, (p, *embeds.shape))
-    h = _scan_population(cfg, params, stacks, lv_layers, h, cos, sin, m4, remat)
-    return _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat)
+    h = _scan_population(config.text, params, stacks, lv_layers, h, mask, remat, chunks)
+    return _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat, chunks[1])
 
 
-@partial(jax.jit, static_argnums=0)
-def _layer_step_jit(cfg, shared, stacks, lv, h, mask):
+@partial(jax.jit, static_argnums=0, static_argnames="chunks")
+def _layer_step_jit(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
     """One layer of the streamed population pass: the same program for every layer."""
-    positions = positions_from_mask(mask)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
-    m4 = attention_mask_4d(mask, h.shape[2])
-    return _layer_population(cfg, shared, stacks, lv, h, cos, sin, m4)
+    return _layer_population(cfg, shared, stacks, lv, h, mask, chunks)
 
 
-_head_loss_sums_jit = jax.jit(_head_loss_sums, static_argnums=0)
+_head_loss_sums_jit = jax.jit(_head_loss_sums, static_argnums=0, static_argnames="remat")
 
 
 def population_loss_sums(
@@ -185,24 +254,19 @@ def population_loss_sums(
     *,
     streaming: bool = False,
     row_chunk: int | None = None,
+    candidate_chunk: int | None = None,
 ) -> jax.Array:
     """Loss summed over one part's scored positions, per candidate: idx [P, E] -> [P].
 
-    With `row_chunk`, the part's rows go through in chunks of that many (the last one padded
-    with unscored rows), so the activations and attention scores exist for one chunk at a time;
-    the sums add up (the same loss up to float summation order)."""
-    n_rows = batch.inputs_embeds.shape[0]
-    if row_chunk is not None and row_chunk < n_rows:
-        total = 0.0
-        for s in range(0, n_rows, row_chunk):
-            total = total + population_loss_sums(
-                config, params, db, space, idx, row_slice(batch, s, row_chunk), streaming=streaming
-            )
-        return total
+    `row_chunk` / `candidate_chunk`: each layer runs on blocks of that many rows x candidates
+    (and the head on that many rows), so activations and attention scores exist for one block
+    at a time; the sums add up (the same loss up to float summation order). Streamed, each
+    layer's kernels cross to the device once per part whatever the chunks, and the head takes
+    its rows' KL targets one chunk at a time (they may stay on the host)."""
     ent = layer_entries(space)
     lv_layers = jnp.asarray(np.asarray(idx)[:, ent])  # [P, L, 7]
     embeds = batch.inputs_embeds.astype(params["language_model"]["embed_tokens"]["embedding"].dtype)
-    n = config.text.num_hidden_layers
+    chunks = (candidate_chunk, row_chunk)
     if not streaming:
         return population_sums_jit(
             config,
@@ -214,10 +278,11 @@ def population_loss_sums(
             batch.labels,
             batch.label_mask,
             batch.dense_logp,
+            chunks=chunks,
         )
     h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
     shared_stack = _shared_stack(params)
-    for layer in range(n):
+    for layer in range(config.text.num_hidden_layers):
         h = _layer_step_jit(
             config.text,
             take_layer(shared_stack, layer),
@@ -225,20 +290,44 @@ def population_loss_sums(
             lv_layers[:, layer],
             h,
             batch.attention_mask,
+            chunks=chunks,
         )
-    return _head_loss_sums_jit(config, params, h, batch.labels, batch.label_mask, batch.dense_logp)
+    total = 0.0
+    for rows, part in row_chunks(batch, row_chunk):
+        total = total + _head_loss_sums_jit(
+            config, params, h[:, rows], part.labels, part.label_mask, part.dense_logp
+        )
+    return total
+
+
+def row_chunks(batch: ProxyBatch, size: int | None):
+    """(rows, part) per chunk of `size` rows (None: the whole part); see `row_slice`."""
+    n = batch.inputs_embeds.shape[0]
+    if size is None or size >= n:
+        yield np.arange(n), batch
+        return
+    for start in range(0, n, size):
+        yield row_index(n, start, size), row_slice(batch, start, size)
+
+
+def row_index(n: int, start: int, size: int) -> np.ndarray:
+    """Rows start : start + size of n, past the end the chunk's first row again."""
+    want = np.arange(start, start + size)
+    return np.where(want < n, want, start)
 
 
 def row_slice(batch: ProxyBatch, start: int, size: int) -> ProxyBatch:
     """Rows start : start + size of a part; past its end, its first row again, unscored (label
-    mask 0), so every chunk has `size` rows and one compiled program serves them all."""
-    want = np.arange(start, start + size)
-    inside = want < batch.inputs_embeds.shape[0]
-    rows = np.where(inside, want, start)
-    real = jnp.asarray(inside, jnp.float32)[:, None]
+    mask 0), so every chunk has `size` rows and one compiled program serves them all. A host
+    (numpy) KL target stays on the host: only the chunk's rows are copied when it is read."""
+    n = batch.inputs_embeds.shape[0]
+    rows = row_index(n, start, size)
+    real = jnp.asarray(np.arange(start, start + size) < n, jnp.float32)[:, None]
 
     def take(x):
-        return None if x is None else x[jnp.asarray(rows)]
+        if x is None:
+            return None
+        return x[rows] if isinstance(x, np.ndarray) else x[jnp.asarray(rows)]
 
     return batch.replace(
         inputs_embeds=take(batch.inputs_embeds),
@@ -268,12 +357,11 @@ def population_losses(
     return total / max(token_count(parts), 1.0)
 
 
-def _padded_sums(config, params, db, space, rows, batch, size, streaming, row_chunk) -> np.ndarray:
-    """population_loss_sums of `rows`, the batch padded (first row repeated) to `size` rows."""
+def _padded_sums(config, params, db, space, rows, batch, size, **how) -> np.ndarray:
+    """population_loss_sums of `rows`, the batch padded (first row repeated) to `size` rows;
+    `how`: streaming, row_chunk, candidate_chunk."""
     padded = np.concatenate([rows, np.repeat(rows[:1], size - len(rows), 0)])
-    out = population_loss_sums(
-        config, params, db, space, padded, batch, streaming=streaming, row_chunk=row_chunk
-    )
+    out = population_loss_sums(config, params, db, space, padded, batch, **how)
     return np.asarray(out, np.float64)[: len(rows)]
 
 
@@ -289,6 +377,7 @@ def fitness(
     cache: dict | None = None,
     streaming: bool = False,
     row_chunk: int | None = None,
+    candidate_chunk: int | None = None,
     g_reading: str = "sum",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(J, L_proxy, G) per candidate; J = L_proxy + eta * G, lower is better (G read as
@@ -307,19 +396,16 @@ def fitness(
     def size(n):
         return min(1 << (n - 1).bit_length(), len(idx))
 
+    how = dict(streaming=streaming, row_chunk=row_chunk, candidate_chunk=candidate_chunk)
     sums = np.zeros(len(uniq), np.float64)
     for i, part in enumerate(parts):
         if not (part.fixed and cache is not None):
-            sums += _padded_sums(
-                config, params, db, space, uniq, part, size(len(uniq)), streaming, row_chunk
-            )
+            sums += _padded_sums(config, params, db, space, uniq, part, size(len(uniq)), **how)
             continue
         keys = [(i, part.inputs_embeds.shape, row.tobytes()) for row in uniq]
         todo = [r for r, k in enumerate(keys) if k not in cache]
         if todo:
-            new = _padded_sums(
-                config, params, db, space, uniq[todo], part, size(len(todo)), streaming, row_chunk
-            )
+            new = _padded_sums(config, params, db, space, uniq[todo], part, size(len(todo)), **how)
             cache.update({keys[r]: v for r, v in zip(todo, new)})
         sums += np.array([cache[k] for k in keys])
     loss = jnp.asarray(sums / max(token_count(parts), 1.0), jnp.float32)[jnp.asarray(inverse)]

@@ -17,11 +17,17 @@ import optax
 from flax import struct
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.model.llama import take_layer
 from ellava_jax.search.fitness import (
     ProxyBatch,
+    _head_loss_sums,
+    _layer_population,
+    _layer_step_jit,
+    _shared_stack,
     layer_entries,
     population_sums_jit,
     project_and_merge,
+    row_chunks,
 )
 
 
@@ -66,7 +72,9 @@ def importance_weights(levels_idx, neighbors: int = 5, mode: str = "neighbors") 
     return np.exp(z) / np.exp(z).sum()
 
 
-def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: list[MultimodalProxy]):
+def _weighted_loss(
+    proj, config, params, stacks, lv_layers, weights, mm: list[MultimodalProxy], chunks
+):
     """sum_m c_m L_m, L_m the candidate's mean loss over every bucket's scored positions."""
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
     sums, count = 0.0, 0.0
@@ -83,26 +91,148 @@ def _weighted_loss(proj, config, params, stacks, lv_layers, weights, mm: list[Mu
             b.label_mask,
             b.dense_logp,
             remat=True,  # the backward pass keeps each layer's input, not its activations
+            chunks=chunks,
         )
         count = count + jnp.sum(b.label_mask)
     losses = sums / jnp.maximum(count, 1.0)
     return jnp.sum(weights * losses), losses
 
 
-@partial(jax.jit, static_argnums=(1, 2))
-def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm):
+@partial(jax.jit, static_argnums=(1, 2), static_argnames="chunks")
+def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm, chunks=(None, None)):
+    """Every step in one program: the whole decoder scanned, each layer recomputed in the
+    backward pass (`chunks`: candidates x rows per block of a layer)."""
     opt = optax.adam(lr)
     state = opt.init(proj)
     grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
 
     def step(carry, _):
         proj, state = carry
-        (loss, _), g = grad_fn(proj, config, params, stacks, lv_layers, weights, mm)
+        (loss, _), g = grad_fn(proj, config, params, stacks, lv_layers, weights, mm, chunks)
         upd, state = opt.update(g, state, proj)
         return (optax.apply_updates(proj, upd), state), loss
 
     (proj, _), losses = jax.lax.scan(step, (proj, state), None, length=steps)
     return proj, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed: one decoder layer on the device at a time, the backward pass layer by layer.
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="chunks")
+def _layer_vjp(cfg, shared, stacks, lv, h, mask, g, chunks=(None, None)):
+    """The cotangent of a layer's input from its output's (the layer recomputed, block by
+    block: see fitness._layer_population)."""
+    _, pull = jax.vjp(lambda x: _layer_population(cfg, shared, stacks, lv, x, mask, chunks), h)
+    return pull(g)[0]
+
+
+@partial(jax.jit, static_argnums=0)
+def _head_grad(config, params, h, labels, label_mask, dense_logp, w):
+    """(loss sums [P], d sum_m w_m sums_m / dh) for final hidden states h [P, n, T, H]."""
+
+    def f(x):
+        s = _head_loss_sums(config, params, x, labels, label_mask, dense_logp, remat=True)
+        return jnp.sum(w * s), s
+
+    (_, sums), g = jax.value_and_grad(f, has_aux=True)(h)
+    return sums, g
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _embed_vjp(config, dtype, proj, bucket: MultimodalProxy, g):
+    """The projector's gradient from the cotangent of the bucket's merged embeddings."""
+    _, pull = jax.vjp(lambda p: bucket.batch(config, p).inputs_embeds.astype(dtype), proj)
+    return pull(g.astype(dtype))[0]
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _embeds(config, dtype, proj, bucket: MultimodalProxy):
+    return bucket.batch(config, proj).inputs_embeds.astype(dtype)
+
+
+@jax.jit
+def _adam_step(proj, state, grads, lr):
+    upd, state = optax.adam(lr).update(grads, state, proj)
+    return optax.apply_updates(proj, upd), state
+
+
+def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
+    """(loss sums [P], projector gradient) of one bucket, streamed: the forward runs layer by
+    layer keeping each layer's input (on the host with `how["offload"]`), the head takes the
+    KL targets one row chunk at a time, and the backward runs layer by layer (`_layer_vjp`).
+    Each layer's kernels cross to the device twice per step (forward and backward)."""
+    cfg, chunks = config.text, how["chunks"]
+    dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
+    feats = bucket.replace(dense_logp=None)  # the KL targets stay where they are (host)
+    embeds = _embeds(config, dtype, proj, feats)
+    mask = bucket.attention_mask
+    shared = _shared_stack(params)
+    h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
+    inputs = []
+    for layer in range(cfg.num_hidden_layers):
+        inputs.append(np.asarray(h) if how["offload"] else h)
+        h = _layer_step_jit(
+            cfg,
+            take_layer(shared, layer),
+            db.layer_kernels(layer),
+            lv_layers[:, layer],
+            h,
+            mask,
+            chunks=chunks,
+        )
+    n = embeds.shape[0]
+    part = ProxyBatch(embeds, mask, bucket.labels, bucket.label_mask, bucket.dense_logp)
+    sums, g = 0.0, jnp.zeros_like(h)
+    for rows, chunk in row_chunks(part, chunks[1]):
+        s, gc = _head_grad(
+            config, params, h[:, rows], chunk.labels, chunk.label_mask, chunk.dense_logp, w
+        )
+        real = rows[: min(len(rows), n - int(rows[0]))]  # the chunk's own rows, not its padding
+        g = g.at[:, real].set(gc[:, : len(real)])
+        sums = sums + s
+    del h
+    for layer in reversed(range(cfg.num_hidden_layers)):
+        g = _layer_vjp(
+            cfg,
+            take_layer(shared, layer),
+            db.layer_kernels(layer),
+            lv_layers[:, layer],
+            jnp.asarray(inputs.pop()),
+            mask,
+            g,
+            chunks=chunks,
+        )
+    g_embeds = jnp.sum(g.astype(jnp.float32), axis=0)
+    return sums, _embed_vjp(config, dtype, proj, feats, g_embeds)
+
+
+def _streamed_gradient(config, params, db, lv_layers, weights, mm, proj, chunks, offload):
+    """(sum_m c_m L_m, its gradient in the projector), accumulated over the buckets, each
+    bucket's decoder passes streamed (`_bucket_grad`)."""
+    count = float(sum(float(jnp.sum(b.label_mask)) for b in mm))
+    w = weights / max(count, 1.0)  # d J / d sums_m
+    how = {"chunks": chunks, "offload": offload}
+    sums, grads = 0.0, jax.tree.map(jnp.zeros_like, proj)
+    for bucket in mm:
+        s, g = _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how)
+        sums, grads = sums + s, jax.tree.map(jnp.add, grads, g)
+    return float(jnp.sum(w * sums)), grads
+
+
+def _train_streamed(proj, config, steps, lr, params, db, lv_layers, weights, mm, chunks, offload):
+    """`_train`, streamed: Adam on the gradient of `_streamed_gradient`. Returns (projector,
+    loss per step)."""
+    state = optax.adam(lr).init(proj)
+    losses = []
+    for _ in range(steps):
+        loss, grads = _streamed_gradient(
+            config, params, db, lv_layers, weights, mm, proj, chunks, offload
+        )
+        losses.append(loss)
+        proj, state = _adam_step(proj, state, grads, jnp.float32(lr))
+    return proj, np.asarray(losses, np.float32)
 
 
 def merge_duplicates(idx, weights) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +268,10 @@ def train_projector(
     steps: int,
     lr: float,
     mass: float = 0.999,
+    streaming: bool = False,
+    row_chunk: int | None = None,
+    candidate_chunk: int | None = None,
+    offload: bool = False,
 ) -> tuple[dict, np.ndarray]:
     """Adam on sum_m c_m L_m(W_p) over the top candidates; returns (new projector, loss per step).
 
@@ -147,6 +281,12 @@ def train_projector(
     its weight on two or three candidates: only those holding `mass` of it are run
     (`significant`), their weights renormalised; the objective changes by at most 1 - mass of
     its weight.
+
+    Unstreamed, every step runs in one program over the whole decoder (the level stacks on
+    the device). `streaming`: the gradient is accumulated over the buckets with one layer on
+    the device at a time, forward and backward (`_bucket_grad`); `row_chunk` x
+    `candidate_chunk` bound each layer's block (both ways); `offload` keeps the layers'
+    inputs for the backward pass on the host (streaming only).
     """
     proj = params["multi_modal_projector"]
     if steps <= 0:
@@ -157,7 +297,16 @@ def train_projector(
     top_idx, weights = top_idx[keep], weights[keep]
     weights = weights / weights.sum()
     lv_layers = jnp.asarray(top_idx[:, layer_entries(space)])
-    stacks = db.device_stacks()
     w = jnp.asarray(weights, jnp.float32)
-    new, losses = _train(proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm)
+    chunks = (candidate_chunk, row_chunk)
+    if streaming:
+        return _train_streamed(
+            proj, config, int(steps), lr, params, db, lv_layers, w, mm, chunks, offload
+        )
+    if offload:
+        raise ValueError("offload keeps the streamed backward pass's layer inputs: streaming only")
+    stacks = db.device_stacks()
+    new, losses = _train(
+        proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm, chunks=chunks
+    )
     return new, np.asarray(losses)

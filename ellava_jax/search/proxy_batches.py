@@ -9,9 +9,36 @@ import numpy as np
 
 from ellava_jax.model.llava import embed_text, vision_features
 from ellava_jax.model.losses import next_token_targets
-from ellava_jax.search.fitness import ProxyBatch, dense_log_probs
+from ellava_jax.search.fitness import ProxyBatch, dense_log_probs, row_chunks
 from ellava_jax.search.projector import MultimodalProxy
 from ellava_jax.search.proxy_sources import ProxyData, length_buckets
+
+
+def host_log_probs(config, params, batch: ProxyBatch, row_chunk: int | None) -> np.ndarray:
+    """The dense model's log-probs on `batch` (the KL target), computed `row_chunk` rows at a
+    time and kept in host memory (float32): each pass copies only its chunk's rows to the
+    device, so a search never holds the whole target there."""
+    n = batch.inputs_embeds.shape[0]
+    out = np.zeros((n, batch.inputs_embeds.shape[1], config.text.vocab_size), np.float32)
+    for rows, part in row_chunks(batch, row_chunk):
+        real = rows[: min(len(rows), n - int(rows[0]))]
+        out[real] = np.asarray(dense_log_probs(config, params, part))[: len(real)]
+    return out
+
+
+def _vision_features(config, params, pixels: np.ndarray, chunk: int | None) -> jax.Array:
+    """The frozen tower's features of every proxy image, `chunk` images per pass (the last
+    pass padded by repeating its first image): the tower's activations exist for one chunk."""
+    fn = jax.jit(vision_features, static_argnums=0)
+    n = len(pixels)
+    if chunk is None or chunk >= n:
+        return fn(config, params, jnp.asarray(pixels))
+    out = []
+    for start in range(0, n, chunk):
+        rows = np.arange(start, start + chunk)
+        rows = np.where(rows < n, rows, start)
+        out.append(fn(config, params, jnp.asarray(pixels[rows]))[: min(chunk, n - start)])
+    return jnp.concatenate(out)
 
 
 class FitnessBatches:
@@ -20,6 +47,7 @@ class FitnessBatches:
     Text segments and multimodal samples are grouped by length (`length_buckets`), each group
     padded only to its own longest row. The text groups are `fixed` parts: no image tokens, so
     their loss depends on the policy alone, and `cache` keeps it per policy for the whole search.
+    KL targets live in host memory (`host_log_probs`).
     """
 
     def __init__(
@@ -28,6 +56,7 @@ class FitnessBatches:
         self.config = config
         self.fitness_kl = settings.fitness_loss == "kl"
         self.projector_kl = settings.projector_loss == "kl"
+        chunk = settings.row_chunk
         self.cache: dict = {}
         emb = jax.jit(embed_text, static_argnums=0)
 
@@ -48,14 +77,12 @@ class FitnessBatches:
                 emb(config, params, jnp.asarray(ids)), jnp.asarray(mask), labels, lmask, fixed=True
             )
             if self.fitness_kl:
-                part = part.replace(dense_logp=dense_log_probs(config, params, part))
+                part = part.replace(dense_logp=host_log_probs(config, params, part, chunk))
             self.text.append(part)
 
         self.mm: list[MultimodalProxy] = []
         if len(proxy.mm_ids):
-            vf = jax.jit(vision_features, static_argnums=0)(
-                config, params, jnp.asarray(proxy.mm_pixels)
-            )
+            vf = _vision_features(config, params, np.asarray(proxy.mm_pixels), chunk)
             per_row = (np.asarray(proxy.mm_ids) == config.image_token_index).sum(1)
             n_img, extra = np.divmod(per_row, config.num_image_tokens)  # images per sample
             if extra.any():
@@ -82,7 +109,9 @@ class FitnessBatches:
             if self.fitness_kl or self.projector_kl:  # both compare with the dense projector's
                 dense = params["multi_modal_projector"]
                 self.mm = [
-                    m.replace(dense_logp=dense_log_probs(config, params, m.batch(config, dense)))
+                    m.replace(
+                        dense_logp=host_log_probs(config, params, m.batch(config, dense), chunk)
+                    )
                     for m in self.mm
                 ]
         self.has_mm = bool(self.mm)

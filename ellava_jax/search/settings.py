@@ -165,9 +165,21 @@ class SearchSettings:
     streaming: bool = setting(False, "the population streams layer by layer (big models)")
     row_chunk: int | None = setting(
         None,
-        "proxy rows per pass of the population fitness (its activations and attention scores "
-        "exist for this many rows at a time); null: a whole part at once",
+        "proxy rows per block of each decoder layer and of the head, in the fitness and the "
+        "projector step (activations, attention scores and logits exist for one block at a "
+        "time); null: a whole part at once",
         ge=1,
+    )
+    candidate_chunk: int | None = setting(
+        None,
+        "candidates per block of each decoder layer, in the fitness and the projector step; "
+        "null: every candidate at once",
+        ge=1,
+    )
+    projector_offload: bool = setting(
+        False,
+        "the streamed projector step keeps each layer's input for its backward pass in host "
+        "memory, not on the device (needs streaming)",
     )
     # evaluation of the result (toy test split by default)
     eval_data: str | None = setting(
@@ -200,6 +212,35 @@ class SearchSettings:
                 f"exceeds the proxy's {rows} rows",
                 others=("proxy_segments", "proxy_multimodal_samples"),
             )
+        if self.candidate_chunk is not None and self.candidate_chunk > self.population:
+            raise SettingError(
+                "candidate_chunk",
+                f"search setting candidate_chunk={self.candidate_chunk} exceeds population="
+                f"{self.population}: a block must be at most the population",
+                f"exceeds population={self.population}",
+                others=("population",),
+            )
+        for key, value, why in (
+            (
+                "database_storage",
+                self.database_storage == "host",
+                "host storage is read one "
+                "layer at a time; unstreamed, every pass would copy the whole database",
+            ),
+            (
+                "projector_offload",
+                self.projector_offload,
+                "only the streamed projector step keeps layer inputs it could move to the host",
+            ),
+        ):
+            if value and not self.streaming:
+                shown = self.database_storage if key == "database_storage" else "true"
+                raise SettingError(
+                    key,
+                    f"search setting {key}={shown} needs streaming=true ({why})",
+                    f"needs streaming=true ({why})",
+                    others=("streaming",),
+                )
         if self.model == "tiny":
             for k in ("proxy_text", "proxy_multimodal", "eval_data"):
                 if getattr(self, k):
