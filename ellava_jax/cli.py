@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     cleaning up; 70 an internal bug (its traceback and a request to report it).
     """
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the sub-command's own arguments (a command may re-run itself)
     name = f"ellava {args.command}"
     previous = None
     if threading.current_thread() is threading.main_thread():

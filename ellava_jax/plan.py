@@ -23,14 +23,19 @@ is named in the output.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.mesh import data_spec, kernel_spec, param_specs
 from ellava_jax.prune.masks import MATRICES, matrix_shape, matrix_size
 
 GB = 1e9
@@ -50,18 +55,79 @@ class Step:
         return self.program + self.held
 
 
-def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(int(x) for x in shape), jnp.dtype(dtype))
+# the mesh a plan is compiled for (None: one device); read by the abstract-array helpers below
+_MESH: contextvars.ContextVar = contextvars.ContextVar("plan_mesh", default=None)
+
+
+def _sds(shape, dtype, spec=None) -> jax.ShapeDtypeStruct:
+    """An abstract array; on a mesh, split as `spec` (None: replicated)."""
+    shape, dtype = tuple(int(x) for x in shape), jnp.dtype(dtype)
+    mesh = _MESH.get()
+    if mesh is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec or PS()))
+
+
+def _rows(shape, dtype) -> jax.ShapeDtypeStruct:
+    """An abstract array whose leading axis (candidates, or rows) goes over the data axis."""
+    mesh = _MESH.get()
+    return _sds(shape, dtype, None if mesh is None else data_spec(shape[0], mesh, len(shape)))
+
+
+def _state(shape, dtype) -> jax.ShapeDtypeStruct:
+    """The population's hidden state [P, N, T, H], split as `mesh.population_state` splits it."""
+    mesh = _MESH.get()
+    if mesh is None:
+        return _sds(shape, dtype)
+    d, m = mesh.shape["data"], mesh.shape["model"]
+    spec = PS(
+        "data" if d > 1 and shape[0] % d == 0 else None,
+        "model" if m > 1 and shape[1] % m == 0 else None,
+    )
+    return _sds(shape, dtype, spec)
+
+
+def _kernels(config, stacks: dict) -> dict:
+    """Abstract level stacks ({matrix: [..., in, out]}), split like their weights on a mesh."""
+    mesh = _MESH.get()
+    return {
+        m: _sds(
+            x.shape, x.dtype, None if mesh is None else kernel_spec(config, m, len(x.shape), mesh)
+        )
+        for m, x in stacks.items()
+    }
+
+
+def _params(config, dtype) -> dict:
+    """The model's abstract params, placed on the mesh as a search places them."""
+    from ellava_jax.model.llava import param_shapes
+
+    params = param_shapes(config, dtype)
+    mesh = _MESH.get()
+    if mesh is None:
+        return jax.tree.map(lambda x: _sds(x.shape, x.dtype), params)
+    specs = param_specs(config, params, mesh)
+    return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), params, specs)
 
 
 def _nbytes(tree) -> int:
-    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+    """Bytes per device (a split array counts its shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.shape
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None:
+            shape = sharding.shard_shape(shape)
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return int(total)
 
 
 def program_peak(jitted, *args, resident: int = 0) -> int:
     """Per-device peak bytes of `jitted` compiled for `args` (abstract arrays), less
     `resident`: the bytes of arguments that stay on the device anyway (the parameters, an
-    on-device database), which a step counts once, as held outside the program."""
+    on-device database), which a step counts once, as held outside the program (such a program
+    is jitted with `keep_unused=True`: jit would otherwise drop the arguments it does not read
+    and their bytes would be taken out twice)."""
     m = jitted.lower(*args).compile().memory_analysis()
     if m is None:  # a backend without the analysis
         return 0
@@ -138,12 +204,12 @@ def _calibration_step(config, dtype, shapes, batch) -> Step:
 
     t, cfg = shapes.calib_len, config.text
     layer = _layer_abstract(config, dtype)
-    h = _sds((batch, t, cfg.hidden_size), dtype)
-    mask, pos = _sds((batch, t), jnp.int32), _sds((batch, t), jnp.int32)
+    h = _rows((batch, t, cfg.hidden_size), dtype)
+    mask, pos = _rows((batch, t), jnp.int32), _rows((batch, t), jnp.int32)
     fn = jax.jit(lambda lp, h, mask, pos: _layer_stats(cfg, lp, h, mask, pos, True))
     peak = program_peak(fn, layer, h, mask, pos)
     # held: the calibration set's hidden states in and out, and one layer's Hessians
-    hidden = 2 * shapes.calib_rows * t * cfg.hidden_size * jnp.dtype(dtype).itemsize
+    hidden = 2 * _nbytes(_rows((shapes.calib_rows, t, cfg.hidden_size), dtype))
     i, hh = cfg.intermediate_size, cfg.hidden_size
     qd = cfg.num_attention_heads * cfg.head_dim
     hess = 4 * (2 * hh * hh + qd * qd + i * i)
@@ -151,10 +217,14 @@ def _calibration_step(config, dtype, shapes, batch) -> Step:
 
 
 def _layer_abstract(config, dtype) -> dict:
-    from ellava_jax.model.llava import param_shapes
+    """One decoder layer's abstract params (split like the stacked ones on a mesh)."""
+    stack = _params(config, dtype)["language_model"]["layers"]
 
-    stack = param_shapes(config, dtype)["language_model"]["layers"]
-    return jax.tree.map(lambda x: _sds(x.shape[1:], x.dtype), stack)
+    def one(x):
+        spec = getattr(x, "sharding", None)
+        return _sds(x.shape[1:], x.dtype, None if spec is None else PS(*spec.spec[1:]))
+
+    return jax.tree.map(one, stack)
 
 
 def _obs_peak(config, dtype, n_levels: int) -> int:
@@ -163,7 +233,8 @@ def _obs_peak(config, dtype, n_levels: int) -> int:
     peak = 0
     for m in _largest_matrices(config):
         a, b = matrix_shape(config, m)
-        k, h = _sds((a, b), dtype), _sds((a, a), jnp.float32)
+        k = _kernels(config, {m: _sds((a, b), dtype)})[m]
+        h = _sds((a, a), jnp.float32)
         if n_levels > 1:
             peak = max(peak, program_peak(_prune_levels, k, h, _sds((n_levels,), jnp.float32)))
         else:
@@ -183,13 +254,26 @@ def plan(
     device_memory: float | None = None,
     image_tokens: int = 576,
     text_tokens: int = 64,
+    mesh=None,
 ) -> dict:
     """Every step's per-device bytes for `settings` on `config`, compiled with abstract arrays.
 
+    `mesh` (a jax Mesh; None: one device): arrays are split as a search splits them
+    (`ellava_jax.mesh`) and each figure is per device of that mesh; host bytes are per host.
     Returns {"steps": {name: total bytes}, "detail": {name: {program, held, note}},
     "host_bytes": {...}, "h2d_bytes_per_round": int, "backend": str, "fits": bool | None,
-    "device_memory": bytes | None, "shapes": {...}}."""
-    from ellava_jax.model.llava import param_shapes
+    "device_memory": bytes | None, "shapes": {...}, "mesh": {axis: size} | None}."""
+    token = _MESH.set(mesh)
+    try:
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            out = _plan(settings, config, dtype, device_memory, image_tokens, text_tokens)
+    finally:
+        _MESH.reset(token)
+    out["mesh"] = None if mesh is None else dict(mesh.shape)
+    return out
+
+
+def _plan(settings, config, dtype, device_memory, image_tokens, text_tokens) -> dict:
     from ellava_jax.search import fitness as F
     from ellava_jax.search import projector as P
     from ellava_jax.search.projector import MultimodalProxy
@@ -197,10 +281,18 @@ def plan(
     dtype = jnp.dtype(dtype)
     cfg = config.text
     shapes = search_shapes(settings, config, image_tokens, text_tokens)
-    params = param_shapes(config, dtype)
+    params = _params(config, dtype)
     param_bytes = _nbytes(params)
-    linears = sum(matrix_size(config, m) for m in MATRICES) * cfg.num_hidden_layers
-    db_bytes = shapes.levels * linears * dtype.itemsize
+    n_layers, hid = cfg.num_hidden_layers, cfg.hidden_size
+    stacks_all = _kernels(
+        config,
+        {m: _sds((n_layers, shapes.levels, *matrix_shape(config, m)), dtype) for m in MATRICES},
+    )
+    db_bytes = _nbytes(stacks_all)  # per device: split like the weights on a mesh
+    mesh = _MESH.get()
+    n_dev = 1 if mesh is None else mesh.size
+    linears = sum(matrix_size(config, m) for m in MATRICES) * n_layers
+    db_host = shapes.levels * linears * dtype.itemsize  # the whole database, in host memory
     db_on_device = settings.database_storage == "device"
     vocab = cfg.vocab_size
     # KL targets (float32 log-probs over the vocabulary) live in host memory
@@ -230,11 +322,7 @@ def plan(
 
     # fitness: each part's pass for the whole population
     p = shapes.population
-    n_layers, hid = cfg.num_hidden_layers, cfg.hidden_size
-    stacks_all = {
-        m: _sds((n_layers, shapes.levels, *matrix_shape(config, m)), dtype) for m in MATRICES
-    }
-    stacks_one = {m: _sds(x.shape[1:], dtype) for m, x in stacks_all.items()}
+    stacks_one = _kernels(config, {m: _sds(x.shape[1:], dtype) for m, x in stacks_all.items()})
     shared = {
         k: {"scale": _sds((hid,), dtype)} for k in ("input_layernorm", "post_attention_layernorm")
     }
@@ -248,9 +336,9 @@ def plan(
         mask = _sds((n, t), jnp.int32)
         if settings.streaming:
             lv = _sds((p, len(MATRICES)), jnp.int32)
-            h = _sds((p, n, t, hid), dtype)
+            h = _state((p, n, t, hid), dtype)
             layer = program_peak(
-                jax.jit(lambda *a: F._layer_step_jit(cfg, *a, chunks=chunks)),
+                jax.jit(partial(F._layer_step, cfg, chunks=chunks), donate_argnums=3),
                 shared,
                 stacks_one,
                 lv,
@@ -259,9 +347,9 @@ def plan(
             )
             # the head, one chunk of rows (and its KL targets) at a time, beside the whole h
             head = program_peak(
-                jax.jit(partial(F._head_loss_sums, config)),
+                jax.jit(partial(F._head_loss_sums, config), keep_unused=True),
                 params,
-                _sds((p, rc, t, hid), dtype),
+                _rows((p, rc, t, hid), dtype),
                 _sds((rc, t), jnp.int32),
                 _sds((rc, t), jnp.float32),
                 _sds((rc, t, vocab), jnp.float32) if kl else None,
@@ -270,7 +358,9 @@ def plan(
             fit_peak = max(fit_peak, layer, head)
         else:
             lv = _sds((p, n_layers, len(MATRICES)), jnp.int32)
-            fn = jax.jit(lambda *a: F.population_sums_jit(config, *a, chunks=chunks))
+            fn = jax.jit(
+                lambda *a: F.population_sums_jit(config, *a, chunks=chunks), keep_unused=True
+            )
             args = (
                 params,
                 stacks_all,
@@ -311,12 +401,15 @@ def plan(
         )
         proj = params["multi_modal_projector"]
         steps_n = int(settings.projector_steps)
-        h = _sds((m, n, t, hid), dtype)
+        h = _state((m, n, t, hid), dtype)
         if settings.streaming:
             lv = _sds((m, len(MATRICES)), jnp.int32)
             mask = _sds((n, t), jnp.int32)
             fwd = program_peak(
-                jax.jit(lambda *a: F._layer_step_jit(cfg, *a, chunks=chunks)),
+                jax.jit(
+                    partial(F._layer_step, cfg, chunks=chunks),
+                    donate_argnums=3 if settings.projector_offload else (),
+                ),
                 shared,
                 stacks_one,
                 lv,
@@ -334,9 +427,9 @@ def plan(
             )
             rc = n if settings.row_chunk is None else min(n, settings.row_chunk)
             head = program_peak(
-                jax.jit(partial(P._head_grad, config)),
+                jax.jit(partial(P._head_grad, config), keep_unused=True),
                 params,
-                _sds((m, rc, t, hid), dtype),
+                _rows((m, rc, t, hid), dtype),
                 _sds((rc, t), jnp.int32),
                 _sds((rc, t), jnp.float32),
                 _sds((rc, t, vocab), jnp.float32) if kl else None,
@@ -347,7 +440,7 @@ def plan(
             held = param_bytes + _nbytes(mm) - (_nbytes(mm.dense_logp) if kl else 0)
             where = "host" if settings.projector_offload else "device"
             if settings.projector_offload:
-                proj_host = inputs
+                proj_host = n_layers * math.prod(h.shape) * dtype.itemsize  # one copy, whole
                 proj_h2d += steps_n * inputs
             else:
                 held += inputs
@@ -370,7 +463,8 @@ def plan(
             fn = jax.jit(
                 lambda proj, params, stacks, lv, w, mm: P._train(
                     proj, config, steps_n, 1e-4, params, stacks, lv, w, [mm], chunks=chunks
-                )
+                ),
+                keep_unused=True,
             )
             peak = program_peak(
                 fn,
@@ -408,13 +502,14 @@ def plan(
     # per round: each fitness part's pass (a streamed one reads every layer's stacks once;
     # the text part is scored for new policies only, counted here as every round) and its KL
     # targets, and the projector step's
+    # (summed over the mesh's devices: a replicated array crosses to each of them)
     fit_h2d = 0 if db_on_device else len(parts) * db_bytes
     fit_h2d += kl_fitness_bytes
     host = {
-        "level_database": 0 if db_on_device else db_bytes,
+        "level_database": 0 if db_on_device else db_host,
         "kl_targets": kl_bytes,
         "projector_layer_inputs": proj_host,
-        "parameters": param_bytes,
+        "parameters": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)),
     }
     limit = None if device_memory is None else int(device_memory)
     dev = jax.devices()[0]
@@ -422,7 +517,7 @@ def plan(
         "steps": {s.name: s.total for s in steps},
         "detail": {s.name: {"program": s.program, "held": s.held, "note": s.note} for s in steps},
         "host_bytes": host,
-        "h2d_bytes_per_round": fit_h2d + proj_h2d,
+        "h2d_bytes_per_round": (fit_h2d + proj_h2d) * n_dev,
         "backend": f"{jax.default_backend()} ({dev.device_kind})",
         "device_memory": limit,
         "fits": None if limit is None else all(s.total <= limit for s in steps),
@@ -442,7 +537,7 @@ def evaluation_step(config: LlavaConfig, dtype, text_tokens: int, two_layers=Non
     the backend decides) the program is compiled at depth 2 (a loop of one step is compiled
     away), two layers' upcast included: the scanned decoder's buffers do not grow with depth
     (tests/test_plan.py), its weights are held."""
-    from ellava_jax.model.llava import _forward, param_shapes
+    from ellava_jax.model.llava import _forward
 
     dtype = jnp.dtype(dtype)
     if two_layers is None:
@@ -453,22 +548,27 @@ def evaluation_step(config: LlavaConfig, dtype, text_tokens: int, two_layers=Non
     else:
         b, t = EVAL_BATCH, config.num_image_tokens + text_tokens
         v = config.vision
-        pix = _sds((b, v.num_channels, v.image_size, v.image_size), jnp.float32)
-    ids, mask = _sds((b, t), jnp.int32), _sds((b, t), jnp.int32)
+        pix = _rows((b, v.num_channels, v.image_size, v.image_size), jnp.float32)
+    ids, mask = _rows((b, t), jnp.int32), _rows((b, t), jnp.int32)
     compiled = config
     if two_layers:
         depth = min(2, config.text.num_hidden_layers)
         compiled = dataclasses.replace(
             config, text=dataclasses.replace(config.text, num_hidden_layers=depth)
         )
-    params = param_shapes(compiled, dtype)
+    params = _params(compiled, dtype)
     ev = program_peak(
-        jax.jit(partial(_forward, compiled)), params, ids, pix, mask, resident=_nbytes(params)
+        jax.jit(partial(_forward, compiled), keep_unused=True),
+        params,
+        ids,
+        pix,
+        mask,
+        resident=_nbytes(params),
     )
     note = f"{b} rows x {t} tokens"
     if two_layers:
         note += " (CPU, 16-bit: compiled at depth 2, see ellava_jax/plan.py)"
-    return Step("evaluation", ev, _nbytes(param_shapes(config, dtype)), note)
+    return Step("evaluation", ev, _nbytes(_params(config, dtype)), note)
 
 
 def parse_bytes(text: str) -> int:

@@ -167,7 +167,7 @@ def test_plan_the_7b_recipe(capsys):
                 "--set",
                 "proxy_multimodal=/data/mm.jsonl",
                 "--device-memory",
-                "80GB",
+                "72GB",
                 "--json",
             ]
         )
@@ -176,3 +176,30 @@ def test_plan_the_7b_recipe(capsys):
     res = _last_json(capsys)
     assert set(res["steps"]) == STEPS
     assert res["host_bytes"]["level_database"] == pytest.approx(64.8e9, rel=0.01)
+    # the recipe's settings bring every step under 72 GB (an 80 GB GPU, the issue's target)
+    assert res["fits"] and max(res["steps"].values()) <= 72e9, res["steps"]
+
+
+@pytest.mark.slow
+def test_plan_the_7b_recipe_on_8_devices(capsys):
+    """On a data=2 x model=4 mesh (8 forced CPU devices, a process of their own) the 7B recipe
+    with 32 multimodal samples needs at most 14 GB per device in every step (a v5e-8 chip holds
+    16 GB)."""
+    argv = [
+        "plan",
+        "--config",
+        "configs/llava-1.5-7b.yaml",
+        "--set",
+        "proxy_multimodal=/data/mm.jsonl",
+        "--mesh",
+        "data=2,model=4",
+        "--device-memory",
+        "14GB",
+        "--json",
+    ]
+    assert main(argv) == 0
+    res = _last_json(capsys)
+    assert res["mesh"] == {"data": 2, "model": 4} and set(res["steps"]) == STEPS
+    assert res["fits"] and max(res["steps"].values()) <= 14e9, res["steps"]
+    # per device: the parameters split four ways over the model axis (embeddings replicated)
+    assert res["detail"]["evaluation"]["held"] < 14.1e9 / 3

@@ -36,6 +36,7 @@ RESULT_FREE = (
     "row_chunk",
     "candidate_chunk",
     "projector_offload",
+    "mesh",
     "calib_batch_size",
     "eval_data",
     "eval_limit",

@@ -16,12 +16,15 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
 
+import jax
 import numpy as np
 
 from convert.hf import save_hf_llava
@@ -30,6 +33,7 @@ from ellava_jax.app import resume
 from ellava_jax.app.clock import PhaseClock
 from ellava_jax.app.models import load_model
 from ellava_jax.app.sources import search_proxy
+from ellava_jax.mesh import make_mesh, mesh_notes, shard_kernels, shard_params
 from ellava_jax.outputs import atomic_file, read_marker, write_marker
 from ellava_jax.prune.database import build_database
 from ellava_jax.prune.hessian import build_calibration_set
@@ -100,6 +104,7 @@ class _Run:
     clock: PhaseClock
     progress: bool
     say: object
+    mesh: object  # jax.sharding.Mesh (size 1: one device, nothing sharded)
 
 
 def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) -> dict:
@@ -109,8 +114,35 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
     if settings.rounds > 0:  # read before the expensive work: a corrupt round falls back
         checkpoints = ckpt.RoundCheckpoints(os.path.join(out_dir, resume.CHECKPOINTS))
         resume_point = checkpoints.latest_intact(say)
+    mesh = make_mesh(settings.mesh)
+    return _run_on_mesh(
+        settings,
+        out_dir,
+        evaluate,
+        stop_after_round,
+        progress,
+        say,
+        mesh,
+        checkpoints,
+        resume_point,
+        t_all,
+    )
+
+
+def _run_on_mesh(
+    settings,
+    out_dir,
+    evaluate,
+    stop_after_round,
+    progress,
+    say,
+    mesh,
+    checkpoints,
+    resume_point,
+    t_all,
+) -> dict:
     try:
-        run = _prepare(settings, out_dir, progress, say)
+        run = _prepare(settings, out_dir, progress, say, mesh)
         res, db_calls = None, 0
         if settings.rounds > 0:
             db = _level_database(run)
@@ -151,10 +183,17 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
     return result
 
 
-def _prepare(settings, out_dir, progress, say) -> _Run:
-    """The model, the policy space, the proxy samples and the dense model's calibration."""
+def _prepare(settings, out_dir, progress, say, mesh) -> _Run:
+    """The model (its params placed on the mesh), the policy space, the proxy samples and the
+    dense model's calibration."""
 
     config, params, model_dir = load_model(settings.model)
+    if mesh.size > 1:
+        params = shard_params(config, params, mesh)
+        shown = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        say(f"mesh {shown} over {mesh.size} {mesh.devices.flat[0].platform} devices")
+        for line in mesh_notes(config, mesh):
+            say(f"mesh: {line}")
     space = PolicySpace(
         config, settings.p0, settings.granularity, settings.step, settings.width, settings.tol
     )
@@ -178,6 +217,7 @@ def _prepare(settings, out_dir, progress, say) -> _Run:
         PhaseClock(),
         progress,
         say,
+        mesh,
     )
 
 
@@ -199,7 +239,12 @@ def _level_database(run: _Run):
             where=s.database_storage,
             batch_size=s.calib_batch_size,
             progress=run.progress,
+            devices=list(run.mesh.devices.flat) if run.mesh.size > 1 else None,
         )
+        if run.mesh.size > 1:  # stacks split like their weights, on arrival from the host
+            db.place = functools.partial(shard_kernels, run.config, mesh=run.mesh)
+            if s.database_storage == "device":
+                db.stacks = db.place(db.stacks)
     run.say(
         f"level database: {db.pruner_calls} OBS calls ({run.space.n_levels} levels x "
         f"{db.n_matrices} matrices) in {db.seconds:.1f} s"
@@ -214,8 +259,17 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
         fb = FitnessBatches(config, params, run.proxy, s)
 
+        def on_mesh():
+            """The population's programs see the mesh (candidates over data, mesh.over_data);
+            one device: no mesh, the programs of a plain run."""
+            return jax.set_mesh(run.mesh) if run.mesh.size > 1 else contextlib.nullcontext()
+
         def score(projector, idx):
             p = _with_projector(params, projector)
+            with on_mesh():
+                return _score(p, projector, idx)
+
+        def _score(p, projector, idx):
             return fitness(
                 config,
                 p,
@@ -235,6 +289,10 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
             if projector is None or not fb.has_mm or s.projector_steps <= 0:
                 return projector, np.zeros(0)  # None: a text-only model, nothing to train
             p = _with_projector(params, projector)
+            with on_mesh():
+                return _train(p, top_idx, c)
+
+        def _train(p, top_idx, c):
             return train_projector(
                 config,
                 p,

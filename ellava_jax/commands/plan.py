@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
+import sys
 
 NAME = "plan"
 HELP = (
@@ -29,6 +32,12 @@ def add_arguments(p):
         "--image-tokens", type=int, default=576, help="image tokens per multimodal sample"
     )
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per multimodal sample")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="--set mesh=MESH: plan per device of a mesh, e.g. data=2,model=4 (on a CPU with "
+        "fewer devices, the plan compiles on that many forced host devices)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (last line)")
 
@@ -53,12 +62,49 @@ def model_config(spec: str, explicit: bool):
     )
 
 
+def _forced_devices(args, need: int) -> int | None:
+    """On a CPU backend with fewer devices than the mesh needs, the same command in a process
+    with `need` forced host devices (XLA's device count is fixed when the backend starts);
+    its output printed here. None when this process has the devices."""
+    import jax
+
+    if len(jax.devices()) >= need or jax.default_backend() != "cpu":
+        return None
+    if os.environ.get("ELLAVA_PLAN_FORCED"):
+        return None  # already the forced process: make_mesh names the shortfall
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={need}".strip(),
+        ELLAVA_PLAN_FORCED="1",
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ellava_jax.cli", "plan", *args.argv],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    print(out.stdout, end="")
+    print(out.stderr, end="", file=sys.stderr)
+    return out.returncode
+
+
 def run(args) -> int:
     from ellava_jax.plan import GB, markdown, parse_bytes, plan
     from ellava_jax.search.settings import command_line_overrides, load_settings
 
-    overrides, origins = command_line_overrides(args.set, {})
+    overrides, origins = command_line_overrides(args.set, {"mesh": args.mesh})
     settings = load_settings(args.config, overrides, origins=origins)
+    mesh = None
+    if settings.mesh is not None:
+        from ellava_jax.mesh import make_mesh, parse_mesh
+
+        need = math.prod(parse_mesh(settings.mesh).values())
+        forced = _forced_devices(args, need)
+        if forced is not None:
+            return forced
+        mesh = make_mesh(settings.mesh, __import__("jax").devices()[:need])
     spec = args.model or settings.model
     config, source = model_config(spec, explicit=args.model is not None)
     limit = None if args.device_memory is None else parse_bytes(args.device_memory)
@@ -69,9 +115,14 @@ def run(args) -> int:
         device_memory=limit,
         image_tokens=args.image_tokens,
         text_tokens=args.text_tokens,
+        mesh=mesh,
     )
     result |= {"recipe": args.config, "model": source}
-    print(f"plan for {args.config} on {source}, {args.dtype}, compiled for {result['backend']}")
+    where = result["backend"]
+    if mesh is not None:
+        shown = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+        where += f", per device of mesh {shown} ({mesh.size} devices)"
+    print(f"plan for {args.config} on {source}, {args.dtype}, compiled for {where}")
     print("\n".join(markdown(result, source)))
     h = result["host_bytes"]
     print(

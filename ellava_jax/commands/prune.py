@@ -68,6 +68,12 @@ def add_arguments(p):
     p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (paper: 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="samples per calibration chunk")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=2,model=4: the weights split over model (calibration "
+        "partitioned; each matrix pruned whole on one device); default: one device",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     add_overwrite_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -105,6 +111,13 @@ def run(args) -> int:
         need_bytes=weight_bytes(model_dir),
     )
     config, params, model_dir = load_model(args.model)
+    if args.mesh is not None:
+        from ellava_jax.mesh import make_mesh, mesh_notes, shard_params
+
+        mesh = make_mesh(args.mesh)
+        params = shard_params(config, params, mesh)
+        for line in mesh_notes(config, mesh):
+            print(f"mesh: {line}")
     calib = None
     if args.method != "magnitude" or owl is not None:
         calib = build_calibration_set(

@@ -54,6 +54,7 @@ def add_arguments(p):
     p.add_argument("--p0", default=None, help="--set p0=P0 (the target sparsity)")
     p.add_argument("--rounds", default=None, help="--set rounds=ROUNDS")
     p.add_argument("--seed", default=None, help="--set seed=SEED")
+    p.add_argument("--mesh", default=None, help="--set mesh=MESH: axis sizes, e.g. data=2,model=4")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     p.add_argument(
         "--json", action="store_true", help="print result.json's summary as the last line"
@@ -67,7 +68,13 @@ def run(args) -> int:
     from ellava_jax.outputs import claim_output, weight_bytes
     from ellava_jax.search.settings import ABLATIONS, command_line_overrides, load_settings
 
-    flags = {"model": args.model, "p0": args.p0, "rounds": args.rounds, "seed": args.seed}
+    flags = {
+        "model": args.model,
+        "p0": args.p0,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "mesh": args.mesh,
+    }
     overrides, origins = command_line_overrides(args.set, flags)
     settings = load_settings(args.config, overrides, origins=origins)
     settings = settings.replace(**ABLATIONS[args.ablation])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
@@ -39,6 +40,14 @@ class LevelDatabase:
     pruner_calls: int = 0
     seconds: float = 0.0
     per_layer_seconds: list = field(default_factory=list)
+    # how stacks reach the device: {m: array} -> {m: device array} (a mesh shards them:
+    # `mesh.shard_kernels`); None: onto the default device as they are
+    place: Callable[[dict], dict] | None = None
+
+    def _on_device(self, stacks: dict) -> dict:
+        if self.place is not None:
+            return self.place(stacks)
+        return {m: jnp.asarray(x) for m, x in stacks.items()}
 
     @property
     def n_matrices(self) -> int:
@@ -51,11 +60,11 @@ class LevelDatabase:
 
     def layer_kernels(self, layer: int) -> dict[str, jax.Array]:
         """The seven [K, in, out] stacks of one layer (moved to the device if on host)."""
-        return {m: jnp.asarray(self.stacks[m][layer]) for m in MATRICES}
+        return self._on_device({m: self.stacks[m][layer] for m in MATRICES})
 
     def device_stacks(self) -> dict[str, jax.Array]:
         """Every [L, K, in, out] stack on the device (copied there when on host)."""
-        return {m: jnp.asarray(x) for m, x in self.stacks.items()}
+        return self._on_device(dict(self.stacks))
 
     def log_norm_table(self, order: list[tuple[int, str]]) -> np.ndarray:
         """[n_matrices, K] table of log norm ratios, rows in `order`."""
@@ -74,6 +83,13 @@ def _prune_levels(kernel, hessian, sparsities):
     return jax.lax.map(lambda s: sparsegpt(kernel, hessian, s)[0], sparsities)
 
 
+@jax.jit
+def _level_stack(dense, pruned, take):
+    """[K, in, out]: the dense kernel where a level is 0, else that level's pruned kernel (one
+    program: no Python iteration over a device array, which on a mesh costs a program per row)."""
+    return jnp.concatenate([dense[None], pruned])[take]
+
+
 def build_database(
     config: LlavaConfig,
     params: dict,
@@ -83,12 +99,16 @@ def build_database(
     where: str = "device",
     batch_size: int = 8,
     progress: bool = True,
+    devices=None,
 ) -> LevelDatabase:
     """Prunes every decoder linear at every level with SparseGPT and dense-model Hessians.
 
     Args:
       levels: the grid of sparsities (e.g. `PolicySpace.levels`).
       where: "device" keeps the stacks as device arrays, "host" as numpy arrays.
+      devices: a mesh's devices: each matrix's OBS runs whole on one of them, a layer's seven
+        matrices on seven devices at once (not partitioned: SparseGPT's column loop would
+        exchange data at every step); the stacks are placed on the mesh afterwards.
     """
     if where not in ("device", "host"):
         raise ValueError(f"database storage {where!r}: expected 'device' or 'host'")
@@ -99,18 +119,23 @@ def build_database(
     per_layer = []
 
     pruned_levels = [float(x) for x in levels if x > 0]
+    # each level's row of [dense, pruned levels...]: 0 for a level of 0 (the dense kernel)
+    take = jnp.asarray(np.cumsum(levels > 0) * (levels > 0), jnp.int32)
 
     def on_layer(i, lp, hess):
         nonlocal calls
         t0 = time.perf_counter()
-        for m in MATRICES:
+        for j, m in enumerate(MATRICES):
             w = get_path(lp, kernel_path(i, m)[3:])  # lp: layer i's own tree
+            h = hess[MATRIX_GROUP[m]]
+            if devices:  # matrix j's OBS whole on one device; the seven run side by side
+                w, h = jax.device_put((w, h), devices[j % len(devices)])
             dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
             # every level of one matrix in one call: the Hessian's factorisation is shared
             sp = jnp.asarray(pruned_levels, jnp.float32)
-            pruned = iter(_prune_levels(w, hess[MATRIX_GROUP[m]], sp))
+            pruned = _prune_levels(w, h, sp)
             calls += len(pruned_levels)
-            stack = jnp.stack([w if s <= 0 else next(pruned) for s in levels])
+            stack = _level_stack(w, pruned, take)
             flat = stack.astype(jnp.float32).reshape(len(levels), -1)
             ratios = jnp.linalg.norm(flat, axis=1) / dense_norm
             norms[(i, m)] = np.log(np.maximum(np.asarray(ratios, np.float64), 1e-30))

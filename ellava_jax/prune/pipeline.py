@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig
@@ -64,6 +65,18 @@ def _prune_matrix(method: str, kernel, hessian, sparsity: float, nm: tuple[int, 
     raise UserError(f"pruning method {method!r}: choose one of {METHODS}")
 
 
+def _on_one_device(method: str, kernel, hessian, sparsity: float, nm: tuple[int, int]):
+    """`_prune_matrix`; a kernel split over a mesh is pruned whole on one of its devices (the
+    pruners' column loops would exchange data at every step) and split again after."""
+    sharding = getattr(kernel, "sharding", None)
+    if sharding is None or len(sharding.device_set) == 1:
+        return _prune_matrix(method, kernel, hessian, sparsity, nm)
+    one = min(sharding.device_set, key=lambda d: d.id)
+    kernel, hessian = jax.device_put((kernel, hessian), one)
+    new, info = _prune_matrix(method, kernel, hessian, sparsity, nm)
+    return jax.device_put(new, sharding), info
+
+
 def prune_layer(
     method: str,
     layer: int,
@@ -82,7 +95,7 @@ def prune_layer(
         w = get_path(layer_params, path)
         h = None if hessians is None else hessians[MATRIX_GROUP[m]]
         t0 = time.perf_counter()
-        new_w, _ = _prune_matrix(method, w, h, s, nm)
+        new_w, _ = _on_one_device(method, w, h, s, nm)
         new_w.block_until_ready()
         stats.per_matrix_seconds[f"{li}.{m}"] = time.perf_counter() - t0
         stats.pruner_calls += 1

@@ -31,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.mesh import over_data, population_state
 from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     RMSNorm,
@@ -128,7 +129,7 @@ def _layer_block(cfg, shared, stacks, lv, h, mask):
         lp = _with_kernels(shared, k)
         return LlamaDecoderLayer(cfg).apply({"params": lp}, hp, cos, sin, m4)[0]
 
-    return jax.vmap(one)(kern, h)
+    return over_data(jax.vmap(one)(kern, over_data(h)))  # candidates side by side on a mesh
 
 
 def _layer_population(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
@@ -137,12 +138,14 @@ def _layer_population(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
     chunks = (candidates, rows) per pass (None: all): the layer runs on one block of that many
     candidates x rows at a time (`lax.map`), each block recomputed in a backward pass
     (`jax.checkpoint`), so its activations and attention scores exist for one block only. A
-    last, short block is padded by repeating the first candidate / row; the padding is cut."""
+    last, short block is padded by repeating the first candidate / row; the padding is cut.
+    On a mesh, h comes and goes split as `mesh.population_state`."""
+    h = population_state(h)
     n_p, n_r = h.shape[:2]
     pc = n_p if chunks[0] is None else min(chunks[0], n_p)
     rc = n_r if chunks[1] is None else min(chunks[1], n_r)
     if pc == n_p and rc == n_r:
-        return _layer_block(cfg, shared, stacks, lv, h, mask)
+        return population_state(_layer_block(cfg, shared, stacks, lv, h, mask))
     ci, ri = _pad_index(n_p, pc), _pad_index(n_r, rc)
     tail = h.shape[2:]
     if len(ci) > n_p:  # padded (a gather copies; a reshape does not)
@@ -160,7 +163,7 @@ def _layer_population(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
         return jnp.swapaxes(out, 0, 1)  # [pc, nr, rc, T, H]
 
     out = jax.lax.map(candidates, (lvc, hc))
-    return out.reshape(len(ci), len(ri), *tail)[:n_p, :n_r]
+    return population_state(out.reshape(len(ci), len(ri), *tail)[:n_p, :n_r])
 
 
 def _scan_population(cfg, params, stacks, lv_layers, h, mask, remat=False, chunks=(None, None)):
@@ -235,10 +238,17 @@ def population_sums_jit(
     return _head_loss_sums(config, params, h, labels, label_mask, dense_logp, remat, chunks[1])
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="chunks")
-def _layer_step_jit(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
+def _layer_step(cfg, shared, stacks, lv, h, mask, chunks=(None, None)):
     """One layer of the streamed population pass: the same program for every layer."""
     return _layer_population(cfg, shared, stacks, lv, h, mask, chunks)
+
+
+_layer_step_jit = jax.jit(_layer_step, static_argnums=0, static_argnames="chunks")
+# the same, handing the hidden state's buffer over to the output (its caller keeps no copy):
+# one [P, N, T, H] less on the device
+_layer_step_donating = jax.jit(
+    _layer_step, static_argnums=0, static_argnames="chunks", donate_argnames="h"
+)
 
 
 _head_loss_sums_jit = jax.jit(_head_loss_sums, static_argnums=0, static_argnames="remat")
@@ -283,7 +293,7 @@ def population_loss_sums(
     h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
     shared_stack = _shared_stack(params)
     for layer in range(config.text.num_hidden_layers):
-        h = _layer_step_jit(
+        h = _layer_step_donating(
             config.text,
             take_layer(shared_stack, layer),
             db.layer_kernels(layer),

@@ -22,6 +22,7 @@ from ellava_jax.search.fitness import (
     ProxyBatch,
     _head_loss_sums,
     _layer_population,
+    _layer_step_donating,
     _layer_step_jit,
     _shared_stack,
     layer_entries,
@@ -158,6 +159,11 @@ def _adam_step(proj, state, grads, lr):
     return optax.apply_updates(proj, upd), state
 
 
+def _back_on_device(x):
+    """A kept layer input: as it is, or (offloaded) copied back with the sharding it had."""
+    return jax.device_put(*x) if isinstance(x, tuple) else x
+
+
 def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
     """(loss sums [P], projector gradient) of one bucket, streamed: the forward runs layer by
     layer keeping each layer's input (on the host with `how["offload"]`), the head takes the
@@ -171,9 +177,11 @@ def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
     shared = _shared_stack(params)
     h = jnp.broadcast_to(embeds, (lv_layers.shape[0], *embeds.shape))
     inputs = []
+    # offloaded, each input is copied to the host and its device buffer handed to the output
+    step = _layer_step_donating if how["offload"] else _layer_step_jit
     for layer in range(cfg.num_hidden_layers):
-        inputs.append(np.asarray(h) if how["offload"] else h)
-        h = _layer_step_jit(
+        inputs.append((np.array(h), h.sharding) if how["offload"] else h)
+        h = step(
             cfg,
             take_layer(shared, layer),
             db.layer_kernels(layer),
@@ -199,7 +207,7 @@ def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
             take_layer(shared, layer),
             db.layer_kernels(layer),
             lv_layers[:, layer],
-            jnp.asarray(inputs.pop()),
+            _back_on_device(inputs.pop()),
             mask,
             g,
             chunks=chunks,

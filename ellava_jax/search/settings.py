@@ -181,6 +181,11 @@ class SearchSettings:
         "the streamed projector step keeps each layer's input for its backward pass in host "
         "memory, not on the device (needs streaming)",
     )
+    mesh: str | None = setting(
+        None,
+        "device mesh as axis=size pairs, e.g. data=2,model=4 (data: candidates and rows; "
+        "model: the decoder's weights and level stacks); null: every device on data",
+    )
     # evaluation of the result (toy test split by default)
     eval_data: str | None = setting(
         None, "multiple-choice jsonl; null: the model's own test split", path=True
@@ -241,6 +246,15 @@ class SearchSettings:
                     f"needs streaming=true ({why})",
                     others=("streaming",),
                 )
+        if self.mesh is not None:
+            from ellava_jax.mesh import parse_mesh
+
+            try:
+                parse_mesh(self.mesh)
+            except UserError as e:
+                raise SettingError(
+                    "mesh", f"search setting mesh={self.mesh!r}: {e}", str(e)
+                ) from None
         if self.model == "tiny":
             for k in ("proxy_text", "proxy_multimodal", "eval_data"):
                 if getattr(self, k):
