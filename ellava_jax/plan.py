@@ -87,6 +87,14 @@ def _state(shape, dtype) -> jax.ShapeDtypeStruct:
     return _sds(shape, dtype, spec)
 
 
+def _head_chunk(p, rows, t, hid, vocab, dtype, kl) -> tuple:
+    """The head's arguments for one chunk of rows: final hidden states of p candidates, labels,
+    label mask and (KL) the chunk's targets."""
+    logp = _sds((rows, t, vocab), jnp.float32) if kl else None
+    h = _rows((p, rows, t, hid), dtype)
+    return h, _sds((rows, t), jnp.int32), _sds((rows, t), jnp.float32), logp
+
+
 def _kernels(config, stacks: dict) -> dict:
     """Abstract level stacks ({matrix: [..., in, out]}), split like their weights on a mesh."""
     mesh = _MESH.get()
@@ -349,10 +357,7 @@ def _plan(settings, config, dtype, device_memory, image_tokens, text_tokens) -> 
             head = program_peak(
                 jax.jit(partial(F._head_loss_sums, config), keep_unused=True),
                 params,
-                _rows((p, rc, t, hid), dtype),
-                _sds((rc, t), jnp.int32),
-                _sds((rc, t), jnp.float32),
-                _sds((rc, t, vocab), jnp.float32) if kl else None,
+                *_head_chunk(p, rc, t, hid, vocab, dtype, kl),
                 resident=param_bytes,
             ) + _nbytes(h)
             fit_peak = max(fit_peak, layer, head)
@@ -429,10 +434,7 @@ def _plan(settings, config, dtype, device_memory, image_tokens, text_tokens) -> 
             head = program_peak(
                 jax.jit(partial(P._head_grad, config), keep_unused=True),
                 params,
-                _rows((m, rc, t, hid), dtype),
-                _sds((rc, t), jnp.int32),
-                _sds((rc, t), jnp.float32),
-                _sds((rc, t, vocab), jnp.float32) if kl else None,
+                *_head_chunk(m, rc, t, hid, vocab, dtype, kl),
                 _sds((m,), jnp.float32),
                 resident=param_bytes,
             ) + 2 * _nbytes(h)  # beside it: the last layer's output and its cotangent

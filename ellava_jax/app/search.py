@@ -114,33 +114,7 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
     if settings.rounds > 0:  # read before the expensive work: a corrupt round falls back
         checkpoints = ckpt.RoundCheckpoints(os.path.join(out_dir, resume.CHECKPOINTS))
         resume_point = checkpoints.latest_intact(say)
-    mesh = make_mesh(settings.mesh)
-    return _run_on_mesh(
-        settings,
-        out_dir,
-        evaluate,
-        stop_after_round,
-        progress,
-        say,
-        mesh,
-        checkpoints,
-        resume_point,
-        t_all,
-    )
-
-
-def _run_on_mesh(
-    settings,
-    out_dir,
-    evaluate,
-    stop_after_round,
-    progress,
-    say,
-    mesh,
-    checkpoints,
-    resume_point,
-    t_all,
-) -> dict:
+    mesh = make_mesh(settings.mesh)  # size 1 (one device): nothing is split
     try:
         run = _prepare(settings, out_dir, progress, say, mesh)
         res, db_calls = None, 0
@@ -267,48 +241,42 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
         def score(projector, idx):
             p = _with_projector(params, projector)
             with on_mesh():
-                return _score(p, projector, idx)
-
-        def _score(p, projector, idx):
-            return fitness(
-                config,
-                p,
-                db,
-                space,
-                idx,
-                fb.parts(projector),
-                s.eta,
-                cache=fb.cache,
-                streaming=s.streaming,
-                row_chunk=s.row_chunk,
-                candidate_chunk=s.candidate_chunk,
-                g_reading=s.g_reading,
-            )
+                return fitness(
+                    config,
+                    p,
+                    db,
+                    space,
+                    idx,
+                    fb.parts(projector),
+                    s.eta,
+                    cache=fb.cache,
+                    streaming=s.streaming,
+                    row_chunk=s.row_chunk,
+                    candidate_chunk=s.candidate_chunk,
+                    g_reading=s.g_reading,
+                )
 
         def train(projector, top_idx, c):
             if projector is None or not fb.has_mm or s.projector_steps <= 0:
                 return projector, np.zeros(0)  # None: a text-only model, nothing to train
             p = _with_projector(params, projector)
             with on_mesh():
-                return _train(p, top_idx, c)
-
-        def _train(p, top_idx, c):
-            return train_projector(
-                config,
-                p,
-                db,
-                space,
-                top_idx,
-                c,
-                fb.training,
-                steps=s.projector_steps,
-                lr=s.projector_lr,
-                mass=s.projector_mass,
-                streaming=s.streaming,
-                row_chunk=s.row_chunk,
-                candidate_chunk=s.candidate_chunk,
-                offload=s.projector_offload,
-            )
+                return train_projector(
+                    config,
+                    p,
+                    db,
+                    space,
+                    top_idx,
+                    c,
+                    fb.training,
+                    steps=s.projector_steps,
+                    lr=s.projector_lr,
+                    mass=s.projector_mass,
+                    streaming=s.streaming,
+                    row_chunk=s.row_chunk,
+                    candidate_chunk=s.candidate_chunk,
+                    offload=s.projector_offload,
+                )
 
         def show(r):
             run.say(
