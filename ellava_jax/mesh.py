@@ -160,17 +160,22 @@ def over_data(x):
     return x if spec == P() else jax.lax.with_sharding_constraint(x, spec)
 
 
+def state_spec(shape, mesh) -> P:
+    """The split of the population's hidden state between layers, [P, N, T, H]: candidates
+    over data and rows over model, each where the axis divides it (each model device keeps a
+    share of the rows instead of a copy of all; a layer's blocks gather theirs)."""
+    d, m = mesh.shape["data"], mesh.shape["model"]
+    return P(
+        "data" if d > 1 and shape[0] % d == 0 else None,
+        "model" if m > 1 and shape[1] % m == 0 else None,
+    )
+
+
 def population_state(x):
-    """The population's hidden state between layers, [P, N, T, H]: candidates over data and,
-    where the model axis divides them, rows over model (each model device keeps a quarter of
-    the rows between layers instead of a copy of all; a layer's blocks gather theirs)."""
+    """`x` (the population's hidden state) split as `state_spec` says, on the mesh being traced
+    under (none: unchanged)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "data" not in mesh.axis_names:
         return x
-    d, m = mesh.shape["data"], mesh.shape["model"]
-    spec = [None] * x.ndim
-    if d > 1 and x.shape[0] % d == 0:
-        spec[0] = "data"
-    if m > 1 and x.shape[1] % m == 0:
-        spec[1] = "model"
-    return x if spec == [None] * x.ndim else jax.lax.with_sharding_constraint(x, P(*spec))
+    spec = state_spec(x.shape, mesh)
+    return x if spec == P(None, None) else jax.lax.with_sharding_constraint(x, spec)

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from ellava_jax.config import LlavaConfig
-from ellava_jax.mesh import data_spec, kernel_spec, param_specs
+from ellava_jax.mesh import data_spec, kernel_spec, param_specs, state_spec
 from ellava_jax.prune.masks import MATRICES, matrix_shape, matrix_size
 
 GB = 1e9
@@ -77,14 +77,7 @@ def _rows(shape, dtype) -> jax.ShapeDtypeStruct:
 def _state(shape, dtype) -> jax.ShapeDtypeStruct:
     """The population's hidden state [P, N, T, H], split as `mesh.population_state` splits it."""
     mesh = _MESH.get()
-    if mesh is None:
-        return _sds(shape, dtype)
-    d, m = mesh.shape["data"], mesh.shape["model"]
-    spec = PS(
-        "data" if d > 1 and shape[0] % d == 0 else None,
-        "model" if m > 1 and shape[1] % m == 0 else None,
-    )
-    return _sds(shape, dtype, spec)
+    return _sds(shape, dtype, None if mesh is None else state_spec(shape, mesh))
 
 
 def _head_chunk(p, rows, t, hid, vocab, dtype, kl) -> tuple:

@@ -232,6 +232,10 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     s, config, params, space = run.settings, run.config, run.params, run.space
     with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
         fb = FitnessBatches(config, params, run.proxy, s)
+        # how the population runs, the same in the fitness and the projector step
+        layout = dict(
+            streaming=s.streaming, row_chunk=s.row_chunk, candidate_chunk=s.candidate_chunk
+        )
 
         def on_mesh():
             """The population's programs see the mesh (candidates over data, mesh.over_data);
@@ -250,10 +254,8 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                     fb.parts(projector),
                     s.eta,
                     cache=fb.cache,
-                    streaming=s.streaming,
-                    row_chunk=s.row_chunk,
-                    candidate_chunk=s.candidate_chunk,
                     g_reading=s.g_reading,
+                    **layout,
                 )
 
         def train(projector, top_idx, c):
@@ -272,10 +274,8 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                     steps=s.projector_steps,
                     lr=s.projector_lr,
                     mass=s.projector_mass,
-                    streaming=s.streaming,
-                    row_chunk=s.row_chunk,
-                    candidate_chunk=s.candidate_chunk,
                     offload=s.projector_offload,
+                    **layout,
                 )
 
         def show(r):

@@ -121,6 +121,7 @@ def build_database(
     pruned_levels = [float(x) for x in levels if x > 0]
     # each level's row of [dense, pruned levels...]: 0 for a level of 0 (the dense kernel)
     take = jnp.asarray(np.cumsum(levels > 0) * (levels > 0), jnp.int32)
+    sp = jnp.asarray(pruned_levels, jnp.float32)
 
     def on_layer(i, lp, hess):
         nonlocal calls
@@ -132,7 +133,6 @@ def build_database(
                 w, h = jax.device_put((w, h), devices[j % len(devices)])
             dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
             # every level of one matrix in one call: the Hessian's factorisation is shared
-            sp = jnp.asarray(pruned_levels, jnp.float32)
             pruned = _prune_levels(w, h, sp)
             calls += len(pruned_levels)
             stack = _level_stack(w, pruned, take)

@@ -303,7 +303,7 @@ def population_loss_sums(
             chunks=chunks,
         )
     total = 0.0
-    for rows, part in row_chunks(batch, row_chunk):
+    for rows, _, part in row_chunks(batch, row_chunk):
         total = total + _head_loss_sums_jit(
             config, params, h[:, rows], part.labels, part.label_mask, part.dense_logp
         )
@@ -311,13 +311,15 @@ def population_loss_sums(
 
 
 def row_chunks(batch: ProxyBatch, size: int | None):
-    """(rows, part) per chunk of `size` rows (None: the whole part); see `row_slice`."""
+    """(rows, own, part) per chunk of `size` rows (None: the whole part): the chunk's row
+    indices (padded, see `row_slice`), its own rows without the padding, and the chunk."""
     n = batch.inputs_embeds.shape[0]
     if size is None or size >= n:
-        yield np.arange(n), batch
+        yield np.arange(n), np.arange(n), batch
         return
     for start in range(0, n, size):
-        yield row_index(n, start, size), row_slice(batch, start, size)
+        rows = row_index(n, start, size)
+        yield rows, rows[: min(size, n - start)], row_slice(batch, start, size)
 
 
 def row_index(n: int, start: int, size: int) -> np.ndarray:

@@ -190,15 +190,13 @@ def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
             mask,
             chunks=chunks,
         )
-    n = embeds.shape[0]
     part = ProxyBatch(embeds, mask, bucket.labels, bucket.label_mask, bucket.dense_logp)
     sums, g = 0.0, jnp.zeros_like(h)
-    for rows, chunk in row_chunks(part, chunks[1]):
+    for rows, own, chunk in row_chunks(part, chunks[1]):
         s, gc = _head_grad(
             config, params, h[:, rows], chunk.labels, chunk.label_mask, chunk.dense_logp, w
         )
-        real = rows[: min(len(rows), n - int(rows[0]))]  # the chunk's own rows, not its padding
-        g = g.at[:, real].set(gc[:, : len(real)])
+        g = g.at[:, own].set(gc[:, : len(own)])
         sums = sums + s
     del h
     for layer in reversed(range(cfg.num_hidden_layers)):

@@ -9,7 +9,7 @@ import numpy as np
 
 from ellava_jax.model.llava import embed_text, vision_features
 from ellava_jax.model.losses import next_token_targets
-from ellava_jax.search.fitness import ProxyBatch, dense_log_probs, row_chunks
+from ellava_jax.search.fitness import ProxyBatch, dense_log_probs, row_chunks, row_index
 from ellava_jax.search.projector import MultimodalProxy
 from ellava_jax.search.proxy_sources import ProxyData, length_buckets
 
@@ -20,9 +20,8 @@ def host_log_probs(config, params, batch: ProxyBatch, row_chunk: int | None) -> 
     device, so a search never holds the whole target there."""
     n = batch.inputs_embeds.shape[0]
     out = np.zeros((n, batch.inputs_embeds.shape[1], config.text.vocab_size), np.float32)
-    for rows, part in row_chunks(batch, row_chunk):
-        real = rows[: min(len(rows), n - int(rows[0]))]
-        out[real] = np.asarray(dense_log_probs(config, params, part))[: len(real)]
+    for _, own, part in row_chunks(batch, row_chunk):
+        out[own] = np.asarray(dense_log_probs(config, params, part))[: len(own)]
     return out
 
 
@@ -35,8 +34,7 @@ def _vision_features(config, params, pixels: np.ndarray, chunk: int | None) -> j
         return fn(config, params, jnp.asarray(pixels))
     out = []
     for start in range(0, n, chunk):
-        rows = np.arange(start, start + chunk)
-        rows = np.where(rows < n, rows, start)
+        rows = row_index(n, start, chunk)
         out.append(fn(config, params, jnp.asarray(pixels[rows]))[: min(chunk, n - start)])
     return jnp.concatenate(out)
 
