@@ -51,9 +51,14 @@ class RoundCheckpoints:
         """Saves the round's arrays; `logs` (dataclasses or dicts) go to a JSON file beside them.
 
         The JSON is written (atomically) before the arrays, so a round whose orbax checkpoint
-        exists always has its logs.
+        exists always has its logs. Several processes: each calls this; process 0 writes the
+        JSON, and the arrays (the search's small state, copied to the host) are orbax's.
         """
-        if logs is not None:
+        if jax.process_count() > 1:
+            from ellava_jax.mesh import to_host
+
+            tree = jax.tree.map(to_host, tree)
+        if logs is not None and jax.process_index() == 0:
             path = os.path.join(self.directory, f"logs-{round_index}.json")
             tmp = path + ".tmp"
             with open(tmp, "w") as f:

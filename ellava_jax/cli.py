@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if hasattr(args, "coordinator"):  # before anything starts JAX's backend
+            from ellava_jax import distributed
+
+            distributed.initialize(args)
         use_compilation_cache()
         return int(args._run(args) or 0)
     except UserError as e:

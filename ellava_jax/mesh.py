@@ -60,18 +60,76 @@ def parse_mesh(text: str | Mapping | None) -> dict[str, int] | None:
 
 
 def make_mesh(spec: Mapping | str | None = None, devices=None) -> Mesh:
-    """The mesh of `spec` over `devices` (default: every device); no spec: all on data."""
+    """The mesh of `spec` over `devices` (default: every device of every process); no spec:
+    all on data.
+
+    Devices are ordered by process, then id, so that the model axis (the innermost) stays
+    inside one process's devices: its collectives run at every layer and belong on a host's
+    own links (ICI), while the data axis crosses hosts (a model axis that would span
+    processes is refused).
+    """
     devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: (d.process_index, d.id))
     sizes = parse_mesh(spec) or {"data": len(devices), "model": 1}
     need = math.prod(sizes.values())
+    shown = ",".join(f"{a}={n}" for a, n in sizes.items())
     if need != len(devices):
-        shown = ",".join(f"{a}={n}" for a, n in sizes.items())
+        where = "this process sees" if jax.process_count() == 1 else "the processes see"
         raise UserError(
-            f"mesh {shown} needs {need} devices; this process sees {len(devices)} "
-            f"({devices[0].platform})"
+            f"mesh {shown} needs {need} devices; {where} {len(devices)} ({devices[0].platform})"
+        )
+    local = len(devices) // max(len({d.process_index for d in devices}), 1)
+    if sizes["model"] > 1 and local % sizes["model"]:
+        raise UserError(
+            f"mesh {shown}: the model axis would span processes (each has {local} devices); "
+            f"choose model dividing {local}, the processes side by side on data"
         )
     grid = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in AXES))
     return Mesh(grid, AXES)
+
+
+def local_devices(mesh: Mesh) -> list:
+    """The mesh's devices that belong to this process."""
+    me = jax.process_index()
+    return [d for d in mesh.devices.flat if d.process_index == me]
+
+
+def to_host(x) -> np.ndarray:
+    """A numpy copy of `x`; an array whose shards live partly in other processes is gathered
+    from them (every process must call this at the same point)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not _covered_here(x):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _covered_here(x: jax.Array) -> bool:
+    """Whether this process's shards of `x` hold every element (split over a model axis inside
+    the process, replicated over a data axis across processes)."""
+
+    def key(index):
+        return tuple((s.start, s.stop, s.step) for s in index)
+
+    mine = {key(s.index) for s in x.addressable_shards}
+    return all(key(i) in mine for i in x.sharding.devices_indices_map(x.shape).values())
+
+
+def place(x, sharding):
+    """`x` (numpy, or an array on this process's devices) on `sharding`; a sharding over other
+    processes' devices too takes it from the host (each process holds the same value)."""
+    if sharding.is_fully_addressable or not isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    if x.sharding == sharding:
+        return x
+    return jax.device_put(to_host(x), sharding)
+
+
+def to_device(x, device):
+    """`x` whole on one of this process's devices (gathered from a mesh first if need be)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = to_host(x)
+    return jax.device_put(x, device)
 
 
 def _units(config, matrix: str) -> tuple[int, str]:
@@ -131,13 +189,13 @@ def param_specs(config, params: dict, mesh: Mesh) -> dict:
 def shard_params(config, params: dict, mesh: Mesh) -> dict:
     """The params placed on the mesh (`param_specs`)."""
     specs = param_specs(config, params, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), params, specs)
 
 
 def shard_kernels(config, stacks: Mapping, mesh: Mesh) -> dict:
     """Level stacks ({matrix: [..., K, in, out]}, host or device) placed on the mesh."""
     return {
-        m: jax.device_put(x, NamedSharding(mesh, kernel_spec(config, m, x.ndim, mesh)))
+        m: place(x, NamedSharding(mesh, kernel_spec(config, m, x.ndim, mesh)))
         for m, x in stacks.items()
     }
 
@@ -179,3 +237,32 @@ def population_state(x):
         return x
     spec = state_spec(x.shape, mesh)
     return x if spec == P(None, None) else jax.lax.with_sharding_constraint(x, spec)
+
+
+class HostShards:
+    """An array's shards of this process, copied to host memory (each once: a replica's
+    other copies are not kept), with what `from_host` needs to rebuild it. One process's
+    share only: with several processes each offloads and restores its own."""
+
+    def __init__(self, shape, dtype, sharding, pieces):
+        self.shape, self.dtype, self.sharding, self.pieces = shape, dtype, sharding, pieces
+
+    @classmethod
+    def of(cls, x: jax.Array) -> HostShards:
+        copies = {}
+        for s in x.addressable_shards:
+            k = tuple((i.start, i.stop, i.step) for i in s.index)
+            if k not in copies:
+                copies[k] = np.asarray(s.data)
+        pieces = [
+            (s.device, tuple((i.start, i.stop, i.step) for i in s.index))
+            for s in x.addressable_shards
+        ]
+        return cls(x.shape, x.dtype, x.sharding, (copies, pieces))
+
+
+def from_host(x: HostShards) -> jax.Array:
+    """The array `HostShards.of` copied, back on its devices with its sharding."""
+    copies, pieces = x.pieces
+    arrays = [jax.device_put(copies[k], d) for d, k in pieces]
+    return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)

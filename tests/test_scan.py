@@ -104,15 +104,23 @@ def _steps(n_layers: int) -> dict[str, list[float]]:
     return out
 
 
-def test_every_step_compiles_one_layer_whatever_the_depth():
-    """At 2 and 8 layers each step compiles the same programs, and the 8-layer compile time is
-    within 1.3x of the 2-layer one (the better of two tries, each with cold caches)."""
+def test_every_step_compiles_the_same_programs_whatever_the_depth():
+    """At 2 and 8 layers each step compiles the same number of programs (one layer's, scanned
+    or streamed; the compile times are `test_compile_time_does_not_grow_with_depth`'s)."""
+    two, eight = _steps(2), _steps(8)
+    for step in two:
+        assert len(two[step]) == len(eight[step]), (
+            f"{step}: {len(two[step])} programs at 2 layers, {len(eight[step])} at 8"
+        )
+
+
+@pytest.mark.slow
+def test_compile_time_does_not_grow_with_depth():
+    """The 8-layer compile time of each step is within 1.3x of the 2-layer one (the better of
+    two tries, each with cold caches; timed, so apart from the default run)."""
     two = [_steps(2) for _ in range(2)]
     eight = [_steps(8) for _ in range(2)]
     for step in two[0]:
-        counts2 = {len(t[step]) for t in two}
-        counts8 = {len(t[step]) for t in eight}
-        assert counts2 == counts8, f"{step}: {counts2} programs at 2 layers, {counts8} at 8"
         t2 = min(sum(t[step]) for t in two)
         t8 = min(sum(t[step]) for t in eight)
         assert t8 <= 1.3 * t2 + 0.05, f"{step}: compile {t8:.3f} s at 8 layers, {t2:.3f} s at 2"

@@ -28,12 +28,19 @@ import jax
 import numpy as np
 
 from convert.hf import save_hf_llava
-from ellava_jax import ckpt
+from ellava_jax import ckpt, distributed
 from ellava_jax.app import resume
 from ellava_jax.app.clock import PhaseClock
 from ellava_jax.app.models import load_model
 from ellava_jax.app.sources import search_proxy
-from ellava_jax.mesh import make_mesh, mesh_notes, shard_kernels, shard_params
+from ellava_jax.mesh import (
+    local_devices,
+    make_mesh,
+    mesh_notes,
+    shard_kernels,
+    shard_params,
+    to_host,
+)
 from ellava_jax.outputs import atomic_file, read_marker, write_marker
 from ellava_jax.prune.database import build_database
 from ellava_jax.prune.hessian import build_calibration_set
@@ -73,16 +80,26 @@ def run_search(
       evaluate: `evaluate(config, params) -> {"accuracy": ..., ...}` or None (no accuracy).
       stop_after_round: simulate a kill after this round (tests).
       fresh: start afresh, removing what `out_dir` holds (`--overwrite`).
+
+    With several processes (`ellava_jax.distributed`) every process calls this; process 0
+    holds the run's lock, decides whether it resumes, writes the outputs and speaks.
     """
-    if fresh and os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        os.remove(out_dir)  # --overwrite of a file
-    os.makedirs(out_dir, exist_ok=True)
-    with resume.RunLock(out_dir):
-        if fresh:
-            resume.clear(out_dir)
-        if read_marker(out_dir) is None:
-            write_marker(out_dir, "search")
-        finished = resume.open_run(out_dir, settings, say)
+    say = distributed.quiet(say)
+    progress = progress and distributed.is_main()
+    with contextlib.ExitStack() as held:
+
+        def open_run():
+            if fresh and os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+                os.remove(out_dir)  # --overwrite of a file
+            os.makedirs(out_dir, exist_ok=True)
+            held.enter_context(resume.RunLock(out_dir))
+            if fresh:
+                resume.clear(out_dir)
+            if read_marker(out_dir) is None:
+                write_marker(out_dir, "search")
+            return resume.open_run(out_dir, settings, say)
+
+        finished = distributed.agree(open_run)  # process 0's answer, in every process
         if finished is not None:
             return finished
         return _run_search(settings, out_dir, evaluate, stop_after_round, progress, say)
@@ -151,9 +168,11 @@ def _run_search(settings, out_dir, evaluate, stop_after_round, progress, say) ->
     result = _result(
         run, policy, sparsities, best_idx, res, pruned, uniform, accuracy, obs_calls, t_all
     )
-    with atomic_file(os.path.join(out_dir, resume.RESULT_FILE)) as f:
-        json.dump(result, f, indent=1)
-    _plots(out_dir, result, res, settings)
+    if distributed.is_main():
+        with atomic_file(os.path.join(out_dir, resume.RESULT_FILE)) as f:
+            json.dump(result, f, indent=1)
+        _plots(out_dir, result, res, settings)
+    distributed.barrier("search result written")
     return result
 
 
@@ -165,7 +184,9 @@ def _prepare(settings, out_dir, progress, say, mesh) -> _Run:
     if mesh.size > 1:
         params = shard_params(config, params, mesh)
         shown = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
-        say(f"mesh {shown} over {mesh.size} {mesh.devices.flat[0].platform} devices")
+        hosts = jax.process_count()
+        across = f" in {hosts} processes" if hosts > 1 else ""
+        say(f"mesh {shown} over {mesh.size} {mesh.devices.flat[0].platform} devices{across}")
         for line in mesh_notes(config, mesh):
             say(f"mesh: {line}")
     space = PolicySpace(
@@ -213,7 +234,7 @@ def _level_database(run: _Run):
             where=s.database_storage,
             batch_size=s.calib_batch_size,
             progress=run.progress,
-            devices=list(run.mesh.devices.flat) if run.mesh.size > 1 else None,
+            devices=local_devices(run.mesh) if run.mesh.size > 1 else None,
         )
         if run.mesh.size > 1:  # stacks split like their weights, on arrival from the host
             db.place = functools.partial(shard_kernels, run.config, mesh=run.mesh)
@@ -296,9 +317,10 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
             stop_after_round=stop_after_round,
             on_round=show,
         )
-    with atomic_file(os.path.join(run.out_dir, "rounds.jsonl")) as f:
-        for r in res.rounds:
-            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    if distributed.is_main():
+        with atomic_file(os.path.join(run.out_dir, "rounds.jsonl")) as f:
+            for r in res.rounds:
+                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
     return res
 
 
@@ -360,15 +382,20 @@ def _uniform_prune(run: _Run):
 
 
 def _write_models(run: _Run, pruned, uniform, projector) -> None:
-    """model/ and uniform/ (HF), checkpoint/ and projector/ (orbax), masks.npz."""
+    """model/ and uniform/ (HF), checkpoint/ and projector/ (orbax), masks.npz. Several
+    processes: process 0 writes the HF models and the masks, every process the orbax ones."""
 
     d, config = run.out_dir, run.config
-    save_hf_llava(os.path.join(d, "model"), config, pruned, copy_from=run.model_dir)
-    save_hf_llava(os.path.join(d, "uniform"), config, uniform, copy_from=run.model_dir)
+    masks = masks_from_params(config, pruned)
+    if jax.process_count() > 1:  # what process 0 writes alone, on its host
+        pruned, uniform, masks = jax.tree.map(to_host, (pruned, uniform, masks))
+    if distributed.is_main():
+        save_hf_llava(os.path.join(d, "model"), config, pruned, copy_from=run.model_dir)
+        save_hf_llava(os.path.join(d, "uniform"), config, uniform, copy_from=run.model_dir)
+        save_masks(os.path.join(d, "masks.npz"), masks)
     ckpt.save_tree(os.path.join(d, "checkpoint"), pruned)
     if projector is not None:  # a text-only model has none
         ckpt.save_tree(os.path.join(d, "projector"), projector)
-    save_masks(os.path.join(d, "masks.npz"), masks_from_params(config, pruned))
 
 
 def _result(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ellava_jax import distributed
 from ellava_jax.outputs import add_overwrite_flag
 
 # OWL's defaults (luuyin/OWL, llm-compressor); ellava_jax.prune.owl holds the same numbers
@@ -77,6 +78,7 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     add_overwrite_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    distributed.add_arguments(p)
 
 
 def run(args) -> int:
@@ -101,23 +103,26 @@ def run(args) -> int:
     nm = parse_nm(args.nm)
     owl = _owl_settings(args)
     policy = load_policy(args.policy) if args.policy else args.sparsity
+    say = distributed.quiet(print)
     model_dir = resolve_model_dir(args.model)
-    out = claim_output(
-        args.out,
-        NAME,
-        overwrite=args.overwrite,
-        inputs=[args.policy, args.proxy],
-        models=[model_dir],
-        need_bytes=weight_bytes(model_dir),
+    out = distributed.agree(  # process 0 checks and claims the output for all
+        lambda: claim_output(
+            args.out,
+            NAME,
+            overwrite=args.overwrite,
+            inputs=[args.policy, args.proxy],
+            models=[model_dir],
+            need_bytes=weight_bytes(model_dir),
+        )
     )
     config, params, model_dir = load_model(args.model)
-    if args.mesh is not None:
+    if args.mesh is not None or distributed.process_count() > 1:
         from ellava_jax.mesh import make_mesh, mesh_notes, shard_params
 
-        mesh = make_mesh(args.mesh)
+        mesh = make_mesh(args.mesh)  # several processes, no --mesh: all on data
         params = shard_params(config, params, mesh)
         for line in mesh_notes(config, mesh):
-            print(f"mesh: {line}")
+            say(f"mesh: {line}")
     calib = None
     if args.method != "magnitude" or owl is not None:
         calib = build_calibration_set(
@@ -134,19 +139,35 @@ def run(args) -> int:
         owl["layer_sparsities"] = policy = owl_from_ratios(
             owl["outlier_ratios"], owl["p0"], owl["lambda"]
         )
-        print(
+        say(
             f"OWL layer sparsities (mean {owl['p0']:g}, M {owl['m']:g}, lambda "
             f"{owl['lambda']:g}): " + " ".join(f"{s:.4f}" for s in policy)
         )
     sparsities = policy_to_sparsities(config, policy)
     pruned, stats = prune_model(
-        config, params, sparsities, args.method, calib, nm=nm, batch_size=args.batch_size
+        config,
+        params,
+        sparsities,
+        args.method,
+        calib,
+        nm=nm,
+        batch_size=args.batch_size,
+        progress=distributed.is_main(),
     )
     summary = sparsity_summary(config, pruned)
+    masks = masks_from_params(config, pruned)
+    if distributed.process_count() > 1:  # process 0 writes alone, from its host's copies
+        import jax
 
+        from ellava_jax.mesh import to_host
+
+        pruned, masks = jax.tree.map(to_host, (pruned, masks))
+        if not distributed.is_main():
+            distributed.barrier("prune written")
+            return 0
     with atomic_directory(out, NAME) as tmp:
         write_hf_llava(tmp, config, pruned, copy_from=model_dir)
-        save_masks(os.path.join(tmp, "masks.npz"), masks_from_params(config, pruned))
+        save_masks(os.path.join(tmp, "masks.npz"), masks)
         report = {
             "model": model_dir or args.model,
             "method": args.method,
@@ -162,6 +183,7 @@ def run(args) -> int:
             report["owl"] = owl | {"measured_mean_sparsity": summary["overall"]}
         with open(os.path.join(tmp, "sparsity.json"), "w") as f:
             json.dump(report, f, indent=1)
+    distributed.barrier("prune written")
     print(format_summary(summary))
     print(f"wrote {out} ({stats.pruner_calls} pruner calls, {stats.seconds:.1f} s)")
     if args.json:

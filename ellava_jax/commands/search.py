@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ellava_jax import distributed
 from ellava_jax.outputs import add_overwrite_flag
 
 NAME = "search"
@@ -59,6 +60,7 @@ def add_arguments(p):
     p.add_argument(
         "--json", action="store_true", help="print result.json's summary as the last line"
     )
+    distributed.add_arguments(p)
 
 
 def run(args) -> int:
@@ -79,15 +81,17 @@ def run(args) -> int:
     settings = load_settings(args.config, overrides, origins=origins)
     settings = settings.replace(**ABLATIONS[args.ablation])
     model_dir = resolve_model_dir(settings.model)
-    claim_output(
-        args.out,
-        NAME,
-        overwrite=args.overwrite,
-        inputs=[settings.proxy_text, settings.proxy_multimodal, settings.eval_data],
-        models=[model_dir],
-        # model/, uniform/ (HF) and checkpoint/ (orbax): three copies of the weights
-        need_bytes=3 * weight_bytes(model_dir),
-        in_place=True,
+    distributed.agree(  # process 0 checks and claims the run directory for all
+        lambda: claim_output(
+            args.out,
+            NAME,
+            overwrite=args.overwrite,
+            inputs=[settings.proxy_text, settings.proxy_multimodal, settings.eval_data],
+            models=[model_dir],
+            # model/, uniform/ (HF) and checkpoint/ (orbax): three copies of the weights
+            need_bytes=3 * weight_bytes(model_dir),
+            in_place=True,
+        )
     )
     evaluate = None
     if not args.no_eval:
@@ -95,6 +99,8 @@ def run(args) -> int:
 
         evaluate = default_evaluator(settings, model_dir)
     result = run_search(settings, args.out, evaluate=evaluate, fresh=args.overwrite)
+    if not distributed.is_main():
+        return 0
     acc = result["accuracy"]
     print(f"policy: {result['policy']}")
     print(

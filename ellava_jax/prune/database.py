@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.mesh import to_device
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
 from ellava_jax.prune.masks import MATRICES, get_path, kernel_path
 from ellava_jax.prune.obs import sparsegpt
@@ -130,7 +131,7 @@ def build_database(
             w = get_path(lp, kernel_path(i, m)[3:])  # lp: layer i's own tree
             h = hess[MATRIX_GROUP[m]]
             if devices:  # matrix j's OBS whole on one device; the seven run side by side
-                w, h = jax.device_put((w, h), devices[j % len(devices)])
+                w, h = (to_device(x, devices[j % len(devices)]) for x in (w, h))
             dense_norm = float(jnp.linalg.norm(w.astype(jnp.float32)))
             # every level of one matrix in one call: the Hessian's factorisation is shared
             pruned = _prune_levels(w, h, sp)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from ellava_jax.config import LlavaConfig
 from ellava_jax.errors import UserError
+from ellava_jax.mesh import place, to_device
 from ellava_jax.model.llama import unstack_layers, with_layers
 from ellava_jax.prune import baselines
 from ellava_jax.prune.hessian import MATRIX_GROUP, CalibrationSet, calibrate
@@ -71,10 +72,11 @@ def _on_one_device(method: str, kernel, hessian, sparsity: float, nm: tuple[int,
     sharding = getattr(kernel, "sharding", None)
     if sharding is None or len(sharding.device_set) == 1:
         return _prune_matrix(method, kernel, hessian, sparsity, nm)
-    one = min(sharding.device_set, key=lambda d: d.id)
-    kernel, hessian = jax.device_put((kernel, hessian), one)
+    me = jax.process_index()  # one of this process's devices (several hosts: each prunes)
+    one = min((d for d in sharding.device_set if d.process_index == me), key=lambda d: d.id)
+    kernel, hessian = to_device(kernel, one), to_device(hessian, one)
     new, info = _prune_matrix(method, kernel, hessian, sparsity, nm)
-    return jax.device_put(new, sharding), info
+    return place(new, sharding), info
 
 
 def prune_layer(

@@ -31,7 +31,7 @@ import numpy as np
 from flax import struct
 
 from ellava_jax.config import LlavaConfig
-from ellava_jax.mesh import over_data, population_state
+from ellava_jax.mesh import over_data, population_state, to_host
 from ellava_jax.model.llama import (
     LlamaDecoderLayer,
     RMSNorm,
@@ -374,7 +374,7 @@ def _padded_sums(config, params, db, space, rows, batch, size, **how) -> np.ndar
     `how`: streaming, row_chunk, candidate_chunk."""
     padded = np.concatenate([rows, np.repeat(rows[:1], size - len(rows), 0)])
     out = population_loss_sums(config, params, db, space, padded, batch, **how)
-    return np.asarray(out, np.float64)[: len(rows)]
+    return to_host(out).astype(np.float64)[: len(rows)]
 
 
 def fitness(

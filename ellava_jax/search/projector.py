@@ -17,6 +17,7 @@ import optax
 from flax import struct
 
 from ellava_jax.config import LlavaConfig
+from ellava_jax.mesh import HostShards, from_host, to_host
 from ellava_jax.model.llama import take_layer
 from ellava_jax.search.fitness import (
     ProxyBatch,
@@ -161,7 +162,7 @@ def _adam_step(proj, state, grads, lr):
 
 def _back_on_device(x):
     """A kept layer input: as it is, or (offloaded) copied back with the sharding it had."""
-    return jax.device_put(*x) if isinstance(x, tuple) else x
+    return from_host(x) if isinstance(x, HostShards) else x
 
 
 def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
@@ -180,7 +181,7 @@ def _bucket_grad(config, params, db, lv_layers, w, bucket, proj, how) -> tuple:
     # offloaded, each input is copied to the host and its device buffer handed to the output
     step = _layer_step_donating if how["offload"] else _layer_step_jit
     for layer in range(cfg.num_hidden_layers):
-        inputs.append((np.array(h), h.sharding) if how["offload"] else h)
+        inputs.append(HostShards.of(h) if how["offload"] else h)
         h = step(
             cfg,
             take_layer(shared, layer),
@@ -315,4 +316,4 @@ def train_projector(
     new, losses = _train(
         proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm, chunks=chunks
     )
-    return new, np.asarray(losses)
+    return new, to_host(losses)
