@@ -39,7 +39,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINES = ("magnitude", "wanda", "sparsegpt", "owl")
-SEARCHES = ("search", "search_kl", "search_mean")
+# the KL search (search_kl) with staged selection (issue 24's curve, from cheap to generous,
+# and one that spends what staging saves on 4x the candidates and 2x the rounds)
+STAGED = {
+    "kl_staged_cheap": dict(stage_shares=[1 / 32, 1 / 2], stage_survivors=[1]),  # the default
+    "kl_staged_mid": dict(stage_shares=[1 / 8, 1 / 2, 1.0], stage_survivors=[4, 1]),
+    "kl_staged_generous": dict(stage_shares=[1 / 4, 1.0], stage_survivors=[4]),
+    "kl_staged_spend": dict(
+        stage_shares=[1 / 16, 1 / 2], stage_survivors=[8], population=64, rounds=16
+    ),
+}
+SEARCHES = ("search", "search_kl", "search_mean", *STAGED)
 HELDOUT_SEQ_LEN = 256
 
 
@@ -151,6 +161,20 @@ def baseline_row(bench: Bench, row: str, p0: float, calib, owl_ratios, settings)
     }
 
 
+def flop_ratio(bench: Bench, settings) -> float:
+    """The search's FLOPs over one uniform SparseGPT prune's (benchmarks/search_cost_model.py)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_cost_model.py")
+    spec = importlib.util.spec_from_file_location("search_cost_model", path)
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    text, mm = cm.proxy_shapes(settings, bench.config, bench.model_dir)
+    phases = cm.cost_model(settings, bench.config, text, mm, trained=0)
+    uniform = phases.pop("uniform prune")
+    return sum(phases.values()) / uniform
+
+
 def search_row(bench: Bench, settings, work: str) -> dict:
     from ellava_jax.app.search import run_search
 
@@ -164,6 +188,9 @@ def search_row(bench: Bench, settings, work: str) -> dict:
         "layer_sparsities": [float(x) for x in res["policy"]],
         "best_fitness": res["best_fitness"],
         "wall_s": sum(t.get(f"{p}_s", 0.0) for p in ("database", "search", "final_prune")),
+        "flop_ratio": flop_ratio(bench, settings),
+        "selection": settings.selection,
+        "stages": [list(x) for x in settings.stages()],
         "timings_s": t,
         "rounds": [
             {
@@ -185,6 +212,9 @@ def search_settings(base, row: str, mean_eta: float | None):
         return base.replace(eta=0.5, fitness_loss="lm", g_reading="sum")
     if row == "search_kl":
         return base.replace(eta=0.0, fitness_loss="kl", g_reading="sum")
+    if row in STAGED:
+        kl = search_settings(base, "search_kl", mean_eta)
+        return kl.replace(selection="staged", **STAGED[row])
     if mean_eta is None:
         raise SystemExit("row search_mean needs --mean-eta")
     return base.replace(eta=mean_eta, fitness_loss="lm", g_reading="mean")

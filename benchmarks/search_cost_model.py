@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/search_cost_model.py --config configs/llava-1.5-7b.yaml
     .venv/bin/python benchmarks/search_cost_model.py --config configs/toy.yaml --result DIR/result.json
+    .venv/bin/python benchmarks/search_cost_model.py --config configs/llava-1.5-7b.yaml \
+        --set selection=staged --set proxy_multimodal=/data/llava-mm.jsonl
 
 The count follows what `ellava search` runs (app/search.py), phase by phase; one multiply-add
 is 2 FLOPs, elementwise work is left out (eval/flops.py):
@@ -16,9 +18,14 @@ is 2 FLOPs, elementwise work is left out (eval/flops.py):
   database      dense calibration forward + Hessians + OBS at every level
   fitness       rounds x population candidates x the forward of every part (an upper bound:
                 repeated policies run once, text parts once per policy), then the archived top
-                candidates re-scored on the multimodal parts
+                candidates re-scored on the multimodal parts (text parts: cached);
+                staged selection: per round, each stage's candidates x the forward of that
+                stage's slice (share x the samples of each kind), then the winner's pick: the
+                candidates that reached the last stage (at most rounds x its survivors)
+                re-scored on its multimodal slice
   projector     rounds x steps x trained candidates x (forward + backward) of the multimodal
-                parts; backward ~ forward (no weight gradients), so 2x forward
+                parts (`projector_samples` of them per step when set); backward ~ forward
+                (no weight gradients), so 2x forward
   final         the re-prune: the same count as the uniform prune
 
 With `--result`, the measured ratio of that run (compilation taken out) is printed beside it.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -101,17 +109,36 @@ def proxy_shapes(settings, config, model_dir) -> tuple[list, list]:
     return parts(proxy.text_mask), parts(proxy.mm_mask) if len(proxy.mm_mask) else []
 
 
+def _share(parts, share: float) -> list:
+    """A stage's slice of (rows, length) parts: ceil(share x all rows) of them, the parts'
+    rows in proportion (the slice is drawn at random: an expectation, not a count)."""
+    total = sum(r for r, _ in parts)
+    keep = math.ceil(share * total)
+    return [(r * keep / total, n) for r, n in parts] if total else []
+
+
 def cost_model(settings, config, text, mm, trained: int) -> dict[str, float]:
     calib = text + mm
     positions = sum(r * n for r, n in calib)
     prune_forward = forward_flops(config, calib, head=False)
     uniform = prune_forward + hessian_flops(config, positions) + obs_flops(config, 1)
     database = prune_forward + hessian_flops(config, positions) + obs_flops(config, 5)
-    per_candidate = forward_flops(config, text) + forward_flops(config, mm)
-    fitness = settings.rounds * settings.population * per_candidate
-    fitness += settings.rounds * settings.top_k * forward_flops(config, mm)  # archive re-score
+    stages = settings.stages()
+    fitness = settings.rounds * sum(
+        n * (forward_flops(config, _share(text, f)) + forward_flops(config, _share(mm, f)))
+        for f, n in stages
+    )
+    last_share, last_count = stages[-1]
+    if len(stages) == 1:  # the archive's top candidates re-scored on the multimodal parts
+        fitness += settings.rounds * settings.top_k * forward_flops(config, mm)
+    else:  # those that reached the last stage, on its multimodal slice
+        fitness += settings.rounds * last_count * forward_flops(config, _share(mm, last_share))
     steps = settings.projector_steps if mm else 0
-    projector = settings.rounds * steps * trained * 2 * forward_flops(config, mm)
+    per_step = mm
+    if settings.projector_samples is not None and mm:
+        rows = sum(r for r, _ in mm)
+        per_step = [(min(settings.projector_samples, rows), max(n for _, n in mm))]
+    projector = settings.rounds * steps * trained * 2 * forward_flops(config, per_step)
     return {
         "uniform prune": uniform,
         "database": database,
@@ -131,14 +158,22 @@ def main(argv=None) -> int:
         "--trained", type=int, default=4, help="candidates the projector trains on per round"
     )
     ap.add_argument("--result", help="a search's result.json: print its measured ratio beside")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, as `ellava search --set` (e.g. selection=staged)",
+    )
     args = ap.parse_args(argv)
 
     from ellava_jax.app.models import load_model
     from ellava_jax.config import LlavaConfig, get_preset
-    from ellava_jax.search.settings import load_settings
+    from ellava_jax.search.settings import command_line_overrides, load_settings
 
-    s = load_settings(args.config)
-    if s.model in ("toy", "tiny"):
+    overrides, origins = command_line_overrides(args.set, {})
+    s = load_settings(args.config, overrides, origins=origins)
+    if s.model in ("toy", "tiny", "smollm2"):  # models this install has: their own proxy
         config, _, model_dir = load_model(s.model)
         text, mm = proxy_shapes(s, config, model_dir)
         source, where = s.model, "the proxy data"
@@ -156,10 +191,13 @@ def main(argv=None) -> int:
         f"model: {source}; {config.text.num_hidden_layers} layers, hidden {config.text.hidden_size}"
     )
     print(f"proxy parts from {where}: text {text}, multimodal {mm} (rows, padded length)")
+    per_step = "all" if s.projector_samples is None else s.projector_samples
     print(
         f"recipe: {s.rounds} rounds x {s.population} candidates, {s.projector_steps} projector "
-        f"steps on {args.trained} candidates\n"
+        f"steps on {args.trained} candidates ({per_step} multimodal samples per step)"
     )
+    stages = ", then ".join(f"{n} on {f:g}" for f, n in s.stages())
+    print(f"selection: {s.selection} (candidates on a share of the proxy: {stages})\n")
     print(f"{'phase':<20} {'TFLOP':>12} {'share':>7} {'x uniform prune':>16}")
     for name, f in phases.items():
         print(f"{name:<20} {f / 1e12:12.2f} {f / search:7.1%} {f / uniform:16.1f}")

@@ -29,14 +29,30 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROWS = ("uniform", "owl", "full", "auto_wo_gen", "no_evo", "evo_wo_ub")
+ROWS = ("uniform", "owl", "full", "staged", "auto_wo_gen", "no_evo", "evo_wo_ub")
 ROW_NAMES = {
     "uniform": "Uniform (SparseGPT, no search)",
     "owl": "OWL + SparseGPT (no search)",
-    "full": "EfficientLLaVA (full)",
+    "full": "EfficientLLaVA (full: every candidate on the whole proxy, 20 projector steps on all samples)",
+    "staged": "EfficientLLaVA, staged selection (16 on 1/32 of the proxy, 1 on 1/2), 4 projector steps on 8 samples at lr 5e-4",
     "auto_wo_gen": "Auto w/o Gen (eta = 0)",
     "no_evo": "No Evo (no projector training)",
     "evo_wo_ub": "Evo w/o UB (c_m = 1/M)",
+}
+# rows beyond the paper's ablations: the settings each sets over the recipe ("full" pins the
+# paper's selection and projector step whatever the recipe's defaults)
+PAPER = {"selection": "full", "projector_samples": None, "projector_steps": 20}
+ROW_SETTINGS = {
+    "full": PAPER,
+    "auto_wo_gen": PAPER,
+    "evo_wo_ub": PAPER,
+    "no_evo": {"selection": "full"},
+    "staged": {
+        "selection": "staged",
+        "projector_samples": 8,
+        "projector_steps": 4,
+        "projector_lr": 5e-4,
+    },
 }
 
 
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
     from ellava_jax.app.sources import default_evaluator
     from ellava_jax.search.settings import ABLATIONS, load_settings
 
-    bad = sorted(set(args.ablations) - set(ABLATIONS) - {"uniform"})
+    bad = sorted(set(args.ablations) - set(ABLATIONS) - {"uniform", "staged"})
     if bad:
         raise SystemExit(f"unknown ablation(s) {bad}: expected some of {sorted(ABLATIONS)}")
     os.makedirs(args.out, exist_ok=True)
@@ -159,7 +175,9 @@ def main(argv=None) -> int:
                 overrides = {"p0": p0, "seed": seed}
                 if args.rounds is not None:
                     overrides["rounds"] = args.rounds
-                settings = load_settings(args.config, **overrides).replace(**ABLATIONS[ablation])
+                settings = load_settings(args.config, **overrides)
+                settings = settings.replace(**ROW_SETTINGS.get(ablation, {}))
+                settings = settings.replace(**ABLATIONS.get(ablation, {}))
                 if evaluate is None:
                     evaluate = cached_evaluator(
                         default_evaluator(settings, resolve_model_dir(settings.model))

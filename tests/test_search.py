@@ -328,17 +328,36 @@ def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
 
 
-def _evolve(tiny_search, ckdir, stop=None):
+def _evolve(tiny_search, ckdir, stop=None, staged=False):
+    """The tiny search's evolution; `staged`: staged selection (3 stages) and projector
+    minibatches of 2 samples, in a FitnessBatches of its own as a resumed process builds."""
     config, params, settings, space, db, fb = tiny_search
-    cache = {}  # one per search, as a resumed process starts with none
+    if staged:
+        settings = settings.replace(
+            selection="staged",
+            stage_shares=[0.34, 0.67, 1.0],
+            stage_survivors=[3, 2],
+            projector_samples=2,
+        )
+        fb = FitnessBatches(config, params, random_proxy(config, 6, 24, 3), settings)
+        fb.set_stages(settings.stage_shares, settings.seed)
+    caches = {}  # one per search, as a resumed process starts with none
 
-    def score(projector, idx):
+    def score(projector, idx, stage=None):
         p = dict(params, multi_modal_projector=projector)
-        return fitness(config, p, db, space, idx, fb.parts(projector), settings.eta, cache=cache)
+        parts = fb.parts(projector, stage)
+        return fitness(
+            config, p, db, space, idx, parts, settings.eta, cache=caches.setdefault(stage, {})
+        )
 
-    def train(projector, top, c):
+    def train(projector, top, c, round_index=0):
         p = dict(params, multi_modal_projector=projector)
-        return train_projector(config, p, db, space, top, c, fb.training, steps=2, lr=1e-3)
+        batches = None
+        if settings.projector_samples is not None:
+            batches = fb.training_samples(settings.projector_samples, 0, round_index, 2)
+        return train_projector(
+            config, p, db, space, top, c, fb.training, steps=2, lr=1e-3, step_batches=batches
+        )
 
     cps = ckpt.RoundCheckpoints(ckdir)
     try:
@@ -356,13 +375,14 @@ def _evolve(tiny_search, ckdir, stop=None):
         cps.close()
 
 
-def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path):
-    full = _evolve(tiny_search, tmp_path / "a")
-    again = _evolve(tiny_search, tmp_path / "b")
+@pytest.mark.parametrize("staged", [False, True], ids=["full", "staged"])
+def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path, staged):
+    full = _evolve(tiny_search, tmp_path / "a", staged=staged)
+    again = _evolve(tiny_search, tmp_path / "b", staged=staged)
     np.testing.assert_array_equal(full.best_idx, again.best_idx)  # same seed, same policy
     with pytest.raises(SearchInterrupted):
-        _evolve(tiny_search, tmp_path / "c", stop=0)
-    resumed = _evolve(tiny_search, tmp_path / "c")
+        _evolve(tiny_search, tmp_path / "c", stop=0, staged=staged)
+    resumed = _evolve(tiny_search, tmp_path / "c", staged=staged)
     np.testing.assert_array_equal(resumed.best_idx, full.best_idx)
     np.testing.assert_array_equal(resumed.archive_idx, full.archive_idx)
     np.testing.assert_allclose(resumed.archive_fitness, full.archive_fitness, rtol=1e-6)
@@ -371,6 +391,130 @@ def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path):
         jax.tree_util.tree_leaves(resumed.projector), jax.tree_util.tree_leaves(full.projector)
     ):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_staged_scores_rank_the_furthest_stage_first_then_j():
+    """Every candidate on stage 1, the best 3 on stage 2, the best 1 on stage 3; a candidate's
+    J is its last stage's; the ranking puts the furthest stage first; the strategy gets ranks."""
+    from ellava_jax.search.evolve import _ranks_of, staged_scores
+
+    s = SearchSettings(
+        model="tiny",
+        population=6,
+        top_k=4,
+        selection="staged",
+        stage_shares=[0.25, 0.5, 1.0],
+        stage_survivors=[3, 1],
+    )
+    idx = np.arange(6)[:, None]  # candidate i's "policy" is [i]
+    base = np.array([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
+    seen = []
+
+    def score(projector, rows, stage):  # each stage reads the candidate worse by 10 x stage
+        seen.append((stage, rows[:, 0].tolist()))
+        j = base[rows[:, 0]] + 10.0 * stage
+        return j, j - 1.0, np.zeros(len(rows))
+
+    sc = staged_scores(s, idx, None, score)
+    assert seen == [(0, [0, 1, 2, 3, 4, 5]), (1, [1, 3, 5]), (2, [1])]
+    np.testing.assert_array_equal(sc["reached"], [0, 2, 0, 1, 0, 1])
+    np.testing.assert_array_equal(sc["j"], [5, 21, 4, 12, 6, 13])
+    np.testing.assert_array_equal(sc["order"], [1, 3, 5, 2, 0, 4])
+    np.testing.assert_array_equal(_ranks_of(sc["order"]), [4, 0, 3, 1, 5, 2])
+    np.testing.assert_array_equal(sc["first"]["j"], base)
+    assert [(x["share"], x["scored"], x["best"]) for x in sc["stages"]] == [
+        (0.25, 6, 1.0),
+        (0.5, 3, 11.0),
+        (1.0, 1, 21.0),
+    ]
+    one = staged_scores(s.replace(selection="full"), idx, None, lambda p, r: (base[r[:, 0]],) * 3)
+    np.testing.assert_array_equal(one["order"], np.argsort(base, kind="stable"))
+
+
+def test_stage_slices_are_nested_fixed_by_the_seed_and_score_like_a_smaller_proxy(tiny_search):
+    """A stage reads ceil(share x n) samples of each kind, nested and the same for one seed;
+    J on a stage's slice equals J on a proxy of those samples alone; a share of 1 is the
+    whole proxy with its cache."""
+    config, params, settings, space, db, _ = tiny_search
+    proxy = random_proxy(config, 6, 24, 3)
+    fb = FitnessBatches(config, params, proxy, settings.replace(fitness_loss="kl"))
+    fb.set_stages([0.34, 0.67, 1.0], seed=3)
+    keep = fb.stage_samples
+    assert [(len(t), len(m)) for t, m in keep] == [(3, 2), (5, 3), (6, 3)]
+    for (t0, m0), (t1, m1) in zip(keep, keep[1:]):
+        assert set(t0) <= set(t1) and set(m0) <= set(m1)
+    again = FitnessBatches(config, params, proxy, settings.replace(fitness_loss="kl"))
+    again.set_stages([0.34, 0.67, 1.0], seed=3)
+    assert all(
+        (a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(keep, again.stage_samples)
+    )
+    assert fb.stages[2] == (fb.text, fb.mm) and fb.cache_of(2) is fb.cache
+    t, m = keep[0]
+    sub = type(proxy)(
+        proxy.text_ids[t], proxy.text_mask[t], proxy.mm_ids[m], proxy.mm_mask[m], proxy.mm_pixels[m]
+    )
+    small = FitnessBatches(config, params, sub, settings.replace(fitness_loss="kl"))
+    idx = space.random(6, np.random.default_rng(2))
+    proj = params["multi_modal_projector"]
+    j_stage = fitness(config, params, db, space, idx, fb.parts(proj, 0), settings.eta)[0]
+    j_small = fitness(config, params, db, space, idx, small.parts(proj), settings.eta)[0]
+    np.testing.assert_allclose(np.asarray(j_stage), np.asarray(j_small), rtol=1e-5)
+
+
+def test_projector_minibatches_take_every_sample_in_turn_and_whole_ones_train_the_same(
+    tiny_search,
+):
+    """Minibatches of 1 of 3 samples over 3 steps use each sample once; minibatches of all
+    samples (one group padded to the longest) train the projector as the grouped samples do."""
+    config, params, settings, space, db, _ = tiny_search
+    s = settings.replace(projector_samples=3)
+    fb = FitnessBatches(config, params, random_proxy(config, 6, 24, 3), s)
+    steps = fb.training_samples(1, 0, 0, 3)
+    firsts = [np.asarray(b[0].input_ids).tobytes() for b in steps]
+    assert len(set(firsts)) == 3 and all(b[0].input_ids.shape[0] == 1 for b in steps)
+    # 2 steps a round: round 1 starts where round 0 stopped (the third sample), then wraps
+    r0, r1 = (
+        [np.asarray(b[0].input_ids).tobytes() for b in fb.training_samples(1, 0, r, 2)]
+        for r in (0, 1)
+    )
+    assert set(r0) | {r1[0]} == set(firsts) and r1[1] == r0[0]
+    idx = space.random(2, np.random.default_rng(4))
+    c = np.array([0.7, 0.3])
+    kw = dict(lr=1e-3, mass=1.0)
+    whole = train_projector(config, params, db, space, idx, c, fb.training, steps=2, **kw)
+    for streaming in (False, True):
+        mini = train_projector(
+            config,
+            params,
+            db,
+            space,
+            idx,
+            c,
+            None,
+            steps=0,
+            step_batches=fb.training_samples(3, 0, 0, 2),
+            streaming=streaming,
+            **kw,
+        )
+        np.testing.assert_allclose(mini[1], whole[1], rtol=1e-5)
+        for x, y in zip(jax.tree_util.tree_leaves(mini[0]), jax.tree_util.tree_leaves(whole[0])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_staged_settings_are_checked():
+    from ellava_jax.search.settings import SettingError
+
+    for kw, msg in (
+        (dict(stage_shares=[0.5, 0.25], stage_survivors=[2]), "shares must increase"),
+        (dict(stage_shares=[0.1, 0.5, 1.0], stage_survivors=[2]), "needs 2 numbers"),
+        (dict(stage_shares=[0.1, 0.5, 1.0], stage_survivors=[2, 4]), "must decrease"),
+        (dict(stage_shares=[0.1, 1.0], stage_survivors=[16]), "fewer than population=16"),
+        (dict(stage_shares=[0.1, 1.5], stage_survivors=[2]), "stage_shares"),
+    ):
+        with pytest.raises(SettingError, match=msg):
+            SearchSettings(selection="staged", **kw)
+    assert SearchSettings(selection="staged").stages() == [(0.03125, 16), (0.5, 1)]
+    assert SearchSettings().stages() == [(1.0, 16)]
 
 
 def test_every_config_file_loads():

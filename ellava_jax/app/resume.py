@@ -72,6 +72,12 @@ def model_identity(spec: str) -> dict:
 def fingerprint(settings) -> dict:
     """The settings that change a search's result, with files identified by path, size, time."""
     fp = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESULT_FREE}
+    # settings at their "off" value are left out: a run made before they existed still resumes
+    if fp.get("selection") == "full":
+        for k in ("selection", "stage_shares", "stage_survivors"):
+            fp.pop(k, None)
+    if fp.get("projector_samples") is None:
+        fp.pop("projector_samples", None)
     fp["model"] = model_identity(settings.model)
     for k in ("proxy_text", "proxy_multimodal"):
         v = getattr(settings, k)

@@ -253,6 +253,15 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     s, config, params, space = run.settings, run.config, run.params, run.space
     with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
         fb = FitnessBatches(config, params, run.proxy, s)
+        if s.selection == "staged":
+            fb.set_stages(s.stage_shares, s.seed)
+            run.say(
+                "staged selection: "
+                + ", then ".join(
+                    f"{n} candidates on {fb.stage_rows(i)} samples ({share:g})"
+                    for i, (share, n) in enumerate(s.stages())
+                )
+            )
         # how the population runs, the same in the fitness and the projector step
         layout = dict(
             streaming=s.streaming, row_chunk=s.row_chunk, candidate_chunk=s.candidate_chunk
@@ -263,7 +272,7 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
             one device: no mesh, the programs of a plain run."""
             return jax.set_mesh(run.mesh) if run.mesh.size > 1 else contextlib.nullcontext()
 
-        def score(projector, idx):
+        def score(projector, idx, stage=None):
             p = _with_projector(params, projector)
             with on_mesh():
                 return fitness(
@@ -272,17 +281,22 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                     db,
                     space,
                     idx,
-                    fb.parts(projector),
+                    fb.parts(projector, stage),
                     s.eta,
-                    cache=fb.cache,
+                    cache=fb.cache_of(stage),
                     g_reading=s.g_reading,
                     **layout,
                 )
 
-        def train(projector, top_idx, c):
+        def train(projector, top_idx, c, round_index=0):
             if projector is None or not fb.has_mm or s.projector_steps <= 0:
                 return projector, np.zeros(0)  # None: a text-only model, nothing to train
             p = _with_projector(params, projector)
+            batches = None
+            if s.projector_samples is not None:  # minibatches: each step its own samples
+                batches = fb.training_samples(
+                    s.projector_samples, s.seed, round_index, s.projector_steps
+                )
             with on_mesh():
                 return train_projector(
                     config,
@@ -296,14 +310,20 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                     lr=s.projector_lr,
                     mass=s.projector_mass,
                     offload=s.projector_offload,
+                    step_batches=batches,
                     **layout,
                 )
 
         def show(r):
+            where = mean_where = ""
+            if "stages" in r.extra:  # which slice each figure was read on
+                b = r.extra["best_stage"]
+                where = f" on stage {b + 1} ({r.extra['stages'][b]['share']:g} of the proxy)"
+                mean_where = " on stage 1"
             run.say(
-                f"round {r.round + 1}/{s.rounds}: best J {r.best_fitness:.4f} (L {r.best_loss:.4f}, "
-                f"G {r.best_g:.3f}), mean J {r.mean_fitness:.4f}, mean sparsity {r.best_mean_sparsity:.3f}, "
-                f"{r.seconds:.1f} s"
+                f"round {r.round + 1}/{s.rounds}: best J {r.best_fitness:.4f}{where} (L "
+                f"{r.best_loss:.4f}, G {r.best_g:.3f}), mean J {r.mean_fitness:.4f}{mean_where}, "
+                f"mean sparsity {r.best_mean_sparsity:.3f}, {r.seconds:.1f} s"
             )
 
         res = evolve(

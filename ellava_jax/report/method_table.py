@@ -26,9 +26,22 @@ ROW_NAMES = {
     "search": "EfficientLLaVA search (eta 0.5, G summed)",
     "search_kl": "Auto w/o Gen, KL loss (eta 0; EvoPress's objective)",
     "search_mean": "EfficientLLaVA search (G as a mean over matrices)",  # + its eta
+    # the KL search with staged selection (candidates on a share of the proxy, stage by stage)
+    "kl_staged_cheap": "KL search, staged: 16 on 1/32 of the proxy, 1 on 1/2",
+    "kl_staged_mid": "KL search, staged: 16 on 1/8, 4 on 1/2, 1 on all",
+    "kl_staged_generous": "KL search, staged: 16 on 1/4, 4 on all",
+    "kl_staged_spend": "KL search, staged, 64 candidates x 16 rounds: 64 on 1/16, 8 on 1/2",
 }
 ORDER = tuple(ROW_NAMES)
-SEARCH_ROWS = ("search", "search_kl", "search_mean")
+SEARCH_ROWS = (
+    "search",
+    "search_kl",
+    "search_mean",
+    "kl_staged_cheap",
+    "kl_staged_mid",
+    "kl_staged_generous",
+    "kl_staged_spend",
+)
 
 
 def is_method_table(run_dir: str | os.PathLike) -> bool:
@@ -89,6 +102,7 @@ def summarize(runs: list[dict]) -> dict:
                 "measured_sparsity": _cell([r["measured_sparsity"] for r in rs]),
                 "vs_sparsegpt": _cell(ratios),
                 "wall_s": _cell([r["wall_s"] for r in rs]),
+                "flop_ratio": _cell([r["flop_ratio"] for r in rs if "flop_ratio" in r]),
                 "seeds": [r["seed"] for r in rs],
             }
         if cells:
@@ -122,19 +136,21 @@ def markdown_table(summary: dict) -> list[str]:
     lines += [
         "",
         "Each cell's measured mean sparsity of the decoder linears, its perplexity over uniform "
-        "SparseGPT's at the same seed and p0, and its wall time on this machine (a search: "
-        "database + rounds + final re-prune; a baseline: its prune):",
+        "SparseGPT's at the same seed and p0, its wall time on this machine (a search: "
+        "database + rounds + final re-prune; a baseline: its prune) and, for a search, its FLOPs "
+        "over one uniform SparseGPT prune's (benchmarks/search_cost_model.py):",
         "",
-        "| method | p0 | measured sparsity | / uniform SparseGPT | wall s |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | p0 | measured sparsity | / uniform SparseGPT | wall s | FLOPs / prune |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row, cells in summary["rows"].items():
         for p in p0s:
             if p in cells:
                 c = cells[p]
+                flops = _fmt(c["flop_ratio"], 1) if c.get("flop_ratio", {}).get("n") else "-"
                 lines.append(
                     f"| {summary['names'][row]} | {p:g} | {_fmt(c['measured_sparsity'], 4)} | "
-                    f"{_fmt(c['vs_sparsegpt'], 3)} | {_fmt(c['wall_s'], 0)} |"
+                    f"{_fmt(c['vs_sparsegpt'], 3)} | {_fmt(c['wall_s'], 0)} | {flops} |"
                 )
     return lines
 

@@ -59,17 +59,26 @@ def _category_values(result: dict, cats: Sequence[str], missing: float) -> list:
 
 
 def fitness_over_rounds(rounds: list[dict], path: str, title: str = "EfficientLLaVA search") -> str:
-    """Best and mean fitness J per round (rows of rounds.jsonl)."""
+    """Best and mean fitness J per round (rows of rounds.jsonl). Staged selection: each stage's
+    best J on its own slice of the proxy (the legend names the share), and the mean over the
+    population on the first stage's slice (the one every candidate reads)."""
     r = [x["round"] + 1 for x in rounds]
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
-    ax.plot(r, [x["best_fitness"] for x in rounds], "o-", label="best J")
-    ax.plot(r, [x["mean_fitness"] for x in rounds], "s--", label="mean J")
+    stages = rounds[0].get("extra", {}).get("stages") if rounds else None
+    if stages:
+        for i, s in enumerate(stages):
+            best = [x["extra"]["stages"][i]["best"] for x in rounds]
+            ax.plot(r, best, "o-", label=f"best J, stage {i + 1} ({s['share']:g} of the proxy)")
+        ax.plot(r, [x["mean_fitness"] for x in rounds], "s--", label="mean J, stage 1")
+    else:
+        ax.plot(r, [x["best_fitness"] for x in rounds], "o-", label="best J")
+        ax.plot(r, [x["mean_fitness"] for x in rounds], "s--", label="mean J")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("fitness J = L + eta G (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -5,7 +5,8 @@ Per round t:
      genomes; each is decoded to grid levels and repaired to the budget (round 0: random
      valid policies, as Algorithm 1's G_0);
   2. the whole population is scored by one vmapped fitness call (fitness.py), candidates
-     assembled from the level database;
+     assembled from the level database; with `selection: staged`, on growing slices of the
+     proxy, the best few moving on (`staged_scores`, EvoPress's multi-step selection);
   3. the top-k are kept; their importance weights c_m (eq. 7) weight the projector's
      training loss (projector.py): the search space evolves;
      A text-only model (a plain LLaMA) has no projector: c_m is still computed and logged,
@@ -132,8 +133,10 @@ def evolve(
     """Runs `settings.rounds` rounds of Algorithm 1.
 
     Args:
-      score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness).
-      train: `train(projector, top_idx, c) -> (projector, losses)` (search-space evolution).
+      score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness);
+        with staged selection `score(projector, idx, stage)` scores on that stage's slice.
+      train: `train(projector, top_idx, c, round_index=r) -> (projector, losses)`
+        (search-space evolution).
       checkpoints: a `ckpt.RoundCheckpoints` each round is saved to.
       resume: `(round, arrays, logs)` of the round to continue after
         (`RoundCheckpoints.latest_intact`); the archive grows when `settings.rounds` was raised.
@@ -173,6 +176,8 @@ class _SearchState:
     logs: list
     strategy: object = None
     next_round: int = 0
+    # [R, top_k] the stage each archived candidate reached (staged selection; else all 0)
+    archive_stage: np.ndarray | None = None
 
     @classmethod
     def start(cls, settings, space: PolicySpace, projector) -> _SearchState:
@@ -183,6 +188,7 @@ class _SearchState:
             np.zeros((settings.rounds, k, e), np.int32),
             np.full((settings.rounds, k), np.inf, np.float32),
             [],
+            archive_stage=np.zeros((settings.rounds, k), np.int32),
         )
 
     def restore(self, resume, strat: Strategy, settings) -> None:
@@ -200,6 +206,8 @@ class _SearchState:
         n = min(saved["archive_idx"].shape[0], settings.rounds)
         self.archive_idx[:n] = np.asarray(saved["archive_idx"])[:n]
         self.archive_fitness[:n] = np.asarray(saved["archive_fitness"])[:n]
+        if "archive_stage" in saved:  # absent: a checkpoint of one stage (all 0)
+            self.archive_stage[:n] = np.asarray(saved["archive_stage"])[:n]
         self.logs = [RoundLog(**row) for row in rows]
         self.next_round = last + 1
 
@@ -209,6 +217,7 @@ class _SearchState:
             "projector": self.projector,
             "archive_idx": self.archive_idx,
             "archive_fitness": self.archive_fitness,
+            "archive_stage": self.archive_stage,
         }
         if self.projector is None:  # a text-only model: the checkpoint holds no projector
             del out["projector"]
@@ -230,22 +239,32 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
         genomes, st.strategy = strat.ask(k_ask, st.strategy)
         idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
     assert space.is_valid(idx).all()
-    j, loss, g = (np.asarray(x) for x in score(st.projector, idx))
+    sc = staged_scores(settings, idx, st.projector, score)
+    j, loss, g, order = sc["j"], sc["loss"], sc["g"], sc["order"]
     pop = jnp.asarray(space.encode(idx))
+    # the strategy sees J itself (one stage: today's search, unchanged) or ranks (J values
+    # of different stages do not compare)
+    told = j if len(sc["stages"]) == 1 else _ranks_of(order)
     if first_ga:
-        st.strategy = strat.init(k_tell, pop, jnp.asarray(j))
+        st.strategy = strat.init(k_tell, pop, jnp.asarray(told, jnp.float32))
     else:
-        st.strategy = strat.tell(k_tell, pop, jnp.asarray(j), st.strategy)
-    order = np.argsort(j, kind="stable")
+        st.strategy = strat.tell(k_tell, pop, jnp.asarray(told, jnp.float32), st.strategy)
     top = order[: settings.top_k]
     st.archive_idx[r], st.archive_fitness[r] = idx[top], j[top]
+    st.archive_stage[r] = sc["reached"][top]
     c = importance_weights(idx[top], settings.neighbors, settings.weighting)
-    st.projector, plosses = train(st.projector, idx[top], c)
+    st.projector, plosses = train(st.projector, idx[top], c, round_index=r)
     b = order[0]
+    first = sc["first"]  # every candidate on the first stage's slice: comparable
+    extra = {
+        "population_terms": population_terms(first["j"], first["loss"], first["g"], settings.eta)
+    }
+    if len(sc["stages"]) > 1:
+        extra |= {"stages": sc["stages"], "best_stage": int(sc["reached"][b])}
     log = RoundLog(
         round=r,
         best_fitness=float(j[b]),
-        mean_fitness=float(j.mean()),
+        mean_fitness=float(first["j"].mean()),
         best_loss=float(loss[b]),
         best_g=float(g[b]),
         best_policy=space.sparsities(idx[b]),
@@ -254,10 +273,60 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
         projector_loss_first=float(plosses[0]) if len(plosses) else None,
         projector_loss_last=float(plosses[-1]) if len(plosses) else None,
         seconds=time.perf_counter() - t0,
-        extra={"population_terms": population_terms(j, loss, g, settings.eta)},
+        extra=extra,
     )
     st.logs.append(log)
     return log
+
+
+def staged_scores(settings, idx, projector, score) -> dict:
+    """The population scored stage by stage (`settings.stages()`; one stage: the whole proxy,
+    every candidate, `score(projector, idx)` as the paper does).
+
+    Staged: every candidate is scored on the first stage's slice, the best `survivors` move on
+    to the next, larger slice, and so on. Each candidate's J, L and G are those of the last
+    stage it reached (G reads no tokens: the same at every stage); `order` ranks the furthest
+    stage first, then the lowest J there. Returns {j, loss, g, reached, order, first (the
+    first stage's values, every candidate), stages (per stage: share, scored, best, mean)}.
+    """
+    stages = settings.stages()
+    n = len(idx)
+    j, loss, g = (np.full(n, np.nan) for _ in range(3))
+    reached = np.zeros(n, np.int32)
+    alive, stats, first = np.arange(n), [], None
+    for s, (share, count) in enumerate(stages):
+        alive = alive[:count]  # the previous stage's best first
+        args = (projector, idx[alive]) if len(stages) == 1 else (projector, idx[alive], s)
+        js, ls, gs = (np.asarray(x, np.float64) for x in score(*args))
+        j[alive], loss[alive], g[alive], reached[alive] = js, ls, gs, s
+        if first is None:
+            first = {"j": js, "loss": ls, "g": gs}
+        stats.append(
+            {
+                "share": share,
+                "scored": len(alive),
+                "best": float(js.min()),
+                "mean": float(js.mean()),
+            }
+        )
+        alive = alive[np.argsort(js, kind="stable")]
+    order = np.lexsort((j, -reached))  # stable: ties keep the population's order
+    return {
+        "j": j,
+        "loss": loss,
+        "g": g,
+        "reached": reached,
+        "order": order,
+        "first": first,
+        "stages": stats,
+    }
+
+
+def _ranks_of(order) -> np.ndarray:
+    """Rank (0 = best) of each candidate from the best-first `order`."""
+    ranks = np.empty(len(order), np.float64)
+    ranks[order] = np.arange(len(order))
+    return ranks
 
 
 def _ranks(x) -> np.ndarray:
@@ -291,9 +360,15 @@ def population_terms(j, loss, g, eta: float) -> dict:
 
 
 def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionResult:
-    """Every archived top candidate re-scored under the final projector; the lowest J wins."""
+    """Every archived top candidate re-scored under the final projector; the lowest J wins.
+
+    Staged selection re-scores only the archived candidates that reached the last stage (a
+    round's best few), on the last stage's slice: the pick costs a few candidates' passes,
+    not the whole archive's (up to rounds x top_k) on the whole proxy."""
     p, e = settings.population, space.n_entries
-    flat = st.archive_idx.reshape(-1, e)[np.isfinite(st.archive_fitness.reshape(-1))]
+    last = len(settings.stages()) - 1
+    kept = np.isfinite(st.archive_fitness) & (st.archive_stage == last)
+    flat = st.archive_idx[kept].reshape(-1, e)
     uniq = np.unique(flat, axis=0) if len(flat) else space.uniform()[None]
     scores = []
     for s in range(0, len(uniq), p):
@@ -303,7 +378,8 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
             if len(chunk) < p
             else chunk
         )
-        scores.append(np.asarray(score(st.projector, padded)[0])[: len(chunk)])
+        args = (st.projector, padded) if last == 0 else (st.projector, padded, last)
+        scores.append(np.asarray(score(*args)[0])[: len(chunk)])
     scores = np.concatenate(scores)
     best = int(np.argmin(scores))
     return EvolutionResult(
@@ -313,5 +389,6 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
         rounds=st.logs,
         archive_idx=st.archive_idx,
         archive_fitness=st.archive_fitness,
-        evaluated=settings.population * settings.rounds + len(uniq),
+        # scorings in all (staged: a candidate counts once per stage it reached), the pick's too
+        evaluated=settings.rounds * sum(n for _, n in settings.stages()) + len(uniq),
     )

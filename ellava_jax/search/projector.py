@@ -118,6 +118,22 @@ def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm, chun
     return proj, losses
 
 
+@partial(jax.jit, static_argnums=2, static_argnames="chunks")
+def _train_step(
+    proj, state, config, lr, params, stacks, lv_layers, weights, mm, chunks=(None, None)
+):
+    """One step of `_train` as its own program: minibatches change the samples every step."""
+    grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
+    (loss, _), g = grad_fn(proj, config, params, stacks, lv_layers, weights, mm, chunks)
+    upd, state = optax.adam(lr).update(g, state, proj)
+    return optax.apply_updates(proj, upd), state, loss
+
+
+def _of_step(mm, t: int) -> list:
+    """Step t's buckets: `mm` itself, or its t-th entry when it holds one list per step."""
+    return mm[t] if mm and isinstance(mm[0], list) else mm
+
+
 # ---------------------------------------------------------------------------------------------
 # Streamed: one decoder layer on the device at a time, the backward pass layer by layer.
 
@@ -229,13 +245,14 @@ def _streamed_gradient(config, params, db, lv_layers, weights, mm, proj, chunks,
 
 
 def _train_streamed(proj, config, steps, lr, params, db, lv_layers, weights, mm, chunks, offload):
-    """`_train`, streamed: Adam on the gradient of `_streamed_gradient`. Returns (projector,
-    loss per step)."""
+    """`_train`, streamed: Adam on the gradient of `_streamed_gradient`. `mm`: the buckets of
+    every step, or a list of each step's own (minibatches). Returns (projector, loss per
+    step)."""
     state = optax.adam(lr).init(proj)
     losses = []
-    for _ in range(steps):
+    for t in range(steps):
         loss, grads = _streamed_gradient(
-            config, params, db, lv_layers, weights, mm, proj, chunks, offload
+            config, params, db, lv_layers, weights, _of_step(mm, t), proj, chunks, offload
         )
         losses.append(loss)
         proj, state = _adam_step(proj, state, grads, jnp.float32(lr))
@@ -279,8 +296,12 @@ def train_projector(
     row_chunk: int | None = None,
     candidate_chunk: int | None = None,
     offload: bool = False,
+    step_batches: list | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Adam on sum_m c_m L_m(W_p) over the top candidates; returns (new projector, loss per step).
+
+    `step_batches`: each step's own buckets (minibatches of the multimodal samples,
+    `FitnessBatches.training_samples`), one step per entry; `mm` and `steps` are then unused.
 
     The top candidates often repeat a policy (the population converges, and a small grid has
     few valid policies): each distinct policy is run once with the sum of its weights, which
@@ -296,6 +317,8 @@ def train_projector(
     inputs for the backward pass on the host (streaming only).
     """
     proj = params["multi_modal_projector"]
+    if step_batches is not None:
+        mm, steps = list(step_batches), len(step_batches)
     if steps <= 0:
         return proj, np.zeros(0)
     mm = [mm] if isinstance(mm, MultimodalProxy) else list(mm)
@@ -313,7 +336,15 @@ def train_projector(
     if offload:
         raise ValueError("offload keeps the streamed backward pass's layer inputs: streaming only")
     stacks = db.device_stacks()
-    new, losses = _train(
-        proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm, chunks=chunks
-    )
-    return new, to_host(losses)
+    if step_batches is None:
+        new, losses = _train(
+            proj, config, int(steps), float(lr), params, stacks, lv_layers, w, mm, chunks=chunks
+        )
+        return new, to_host(losses)
+    state, losses = optax.adam(lr).init(proj), []
+    for batch in mm:
+        proj, state, loss = _train_step(
+            proj, state, config, jnp.float32(lr), params, stacks, lv_layers, w, batch, chunks=chunks
+        )
+        losses.append(loss)
+    return proj, np.asarray([float(x) for x in losses], np.float32)

@@ -131,6 +131,27 @@ class SearchSettings:
         "mean (per matrix; does not grow with depth, so eta needs another scale)",
         choices=("sum", "mean"),
     )
+    # staged selection (EvoPress's multi-step selection)
+    selection: str = setting(
+        "full",
+        "full: every candidate reads the whole proxy (the paper) | staged: every candidate reads "
+        "the first stage's share of the proxy, the best move on to larger shares "
+        "(stage_shares, stage_survivors)",
+        choices=("full", "staged"),
+    )
+    stage_shares: list[float] = setting(
+        [0.03125, 0.5],
+        "staged: the share of the proxy's samples each stage reads, increasing (nested slices "
+        "drawn once from the seed; 1: the whole proxy)",
+        gt=0,
+        le=1,
+    )
+    stage_survivors: list[int] = setting(
+        [1],
+        "staged: how many candidates move on to each later stage, decreasing (one number "
+        "fewer than stage_shares)",
+        ge=1,
+    )
     # search-space evolution (projector training)
     projector_steps: int = setting(20, "projector training steps per round (0: 'No Evo')", ge=0)
     projector_lr: float = setting(1e-4, "projector learning rate", gt=0)
@@ -139,6 +160,12 @@ class SearchSettings:
     )
     projector_loss: str = setting(
         "kl", "kl to the dense model (label-free) | lm", choices=("lm", "kl")
+    )
+    projector_samples: int | None = setting(
+        None,
+        "multimodal samples each projector step trains on (a fixed permutation from the seed, "
+        "taken in turn: every sample as often); null: all of them every step",
+        ge=1,
     )
     weighting: str = setting(
         "neighbors",
@@ -217,6 +244,7 @@ class SearchSettings:
                 f"exceeds the proxy's {rows} rows",
                 others=("proxy_segments", "proxy_multimodal_samples"),
             )
+        self._check_stages()
         if self.candidate_chunk is not None and self.candidate_chunk > self.population:
             raise SettingError(
                 "candidate_chunk",
@@ -268,6 +296,44 @@ class SearchSettings:
                         problem,
                         others=("model",),
                     )
+
+    def _check_stages(self) -> None:
+        shares, survivors = self.stage_shares, self.stage_survivors
+
+        def refuse(key, problem):
+            value = getattr(self, key)
+            raise SettingError(
+                key,
+                f"search setting {key}={value!r}: {problem}",
+                problem,
+                others=("stage_shares", "stage_survivors", "population"),
+            )
+
+        if not shares:
+            refuse("stage_shares", "needs at least one share")
+        if any(b <= a for a, b in zip(shares, shares[1:])):
+            refuse("stage_shares", "the shares must increase from stage to stage")
+        if len(survivors) != len(shares) - 1:
+            refuse(
+                "stage_survivors",
+                f"needs {len(shares) - 1} numbers (one per stage after the first of "
+                f"stage_shares={shares!r})",
+            )
+        if any(b >= a for a, b in zip(survivors, survivors[1:])):
+            refuse("stage_survivors", "the survivors must decrease from stage to stage")
+        if survivors and survivors[0] >= self.population:
+            refuse(
+                "stage_survivors",
+                f"the first stage's survivors must be fewer than population={self.population}",
+            )
+
+    def stages(self) -> list[tuple[float, int]]:
+        """(share of the proxy, candidates scored) per stage: staged selection's, or the one
+        full stage (share 1, the whole population)."""
+        if self.selection != "staged":
+            return [(1.0, self.population)]
+        counts = [self.population, *self.stage_survivors]
+        return list(zip(self.stage_shares, counts))
 
     def replace(self, **kw) -> SearchSettings:
         check_keys(kw, "replace()", type(self))
