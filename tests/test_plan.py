@@ -64,8 +64,10 @@ def test_plan_reports_every_step_and_whether_it_fits(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["fits"] is False
 
 
+@pytest.mark.slow
 def test_plan_figures_are_the_compiled_programs(tmp_path):
-    """The fitness step's program is the population pass compiled for the recipe's sizes: twice
+    """(Seven plans of the tiny presets: about 75 s on 2 CPU cores, so behind -m slow.) The
+    fitness step's program is the population pass compiled for the recipe's sizes: twice
     the proxy rows give a bigger program, host storage moves the database off the device."""
     config = get_preset("tiny")
     base = SearchSettings(
@@ -98,7 +100,9 @@ def test_plan_figures_are_the_compiled_programs(tmp_path):
         off["host_bytes"]["projector_layer_inputs"]
         == whole["held"] - off["detail"]["projector"]["held"]
     )
-    # program_peak is memory_analysis of the compiled program
+
+
+def test_program_peak_is_memory_analysis_of_the_compiled_program():
     f = jax.jit(lambda x: (x @ x.T).sum())
     x = jax.ShapeDtypeStruct((64, 32), "float32")
     m = f.lower(x).compile().memory_analysis()
