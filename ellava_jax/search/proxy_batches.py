@@ -162,18 +162,13 @@ class FitnessBatches:
         perm_t, perm_m = rng.permutation(self.n_text), rng.permutation(self.n_mm)
         self.stages, self.stage_caches, self.stage_samples = [], [], []
         for share in shares:
-            self.stage_samples.append(  # (text rows, multimodal samples) the stage reads
-                (
-                    np.sort(perm_t[: math.ceil(share * self.n_text)]),
-                    np.sort(perm_m[: math.ceil(share * self.n_mm)]),
-                )
-            )
+            keep_t = np.sort(perm_t[: math.ceil(share * self.n_text)])
+            keep_m = np.sort(perm_m[: math.ceil(share * self.n_mm)])
+            self.stage_samples.append((keep_t, keep_m))  # what the stage reads
             if share >= 1.0:
                 self.stages.append((self.text, self.mm))
                 self.stage_caches.append(self.cache)
                 continue
-            keep_t = perm_t[: math.ceil(share * self.n_text)]
-            keep_m = perm_m[: math.ceil(share * self.n_mm)]
             text = [
                 _take_rows(b, np.flatnonzero(np.isin(rows, keep_t)))
                 for b, rows in zip(self.text, self._text_rows)
@@ -182,7 +177,9 @@ class FitnessBatches:
                 _take_samples(m, np.flatnonzero(np.isin(rows, keep_m)), images)
                 for m, rows, images in zip(self.mm, self._mm_rows, self._mm_images)
             ]
-            self.stages.append(([b for b in text if b is not None], [m for m in mm if m]))
+            self.stages.append(
+                ([b for b in text if b is not None], [m for m in mm if m is not None])
+            )
             self.stage_caches.append({})
 
     def stage_rows(self, stage: int) -> int:
