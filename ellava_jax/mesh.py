@@ -17,6 +17,7 @@ partitioner (GSPMD) inserts the collectives; the program is the one-device progr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -104,15 +105,16 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _index_key(index) -> tuple:
+    """A shard's index (a tuple of slices) as a hashable key."""
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
 def _covered_here(x: jax.Array) -> bool:
     """Whether this process's shards of `x` hold every element (split over a model axis inside
     the process, replicated over a data axis across processes)."""
-
-    def key(index):
-        return tuple((s.start, s.stop, s.step) for s in index)
-
-    mine = {key(s.index) for s in x.addressable_shards}
-    return all(key(i) in mine for i in x.sharding.devices_indices_map(x.shape).values())
+    mine = {_index_key(s.index) for s in x.addressable_shards}
+    return all(_index_key(i) in mine for i in x.sharding.devices_indices_map(x.shape).values())
 
 
 def place(x, sharding):
@@ -239,30 +241,29 @@ def population_state(x):
     return x if spec == P(None, None) else jax.lax.with_sharding_constraint(x, spec)
 
 
+@dataclasses.dataclass
 class HostShards:
     """An array's shards of this process, copied to host memory (each once: a replica's
     other copies are not kept), with what `from_host` needs to rebuild it. One process's
     share only: with several processes each offloads and restores its own."""
 
-    def __init__(self, shape, dtype, sharding, pieces):
-        self.shape, self.dtype, self.sharding, self.pieces = shape, dtype, sharding, pieces
+    shape: tuple
+    sharding: jax.sharding.Sharding
+    copies: dict  # shard index key -> numpy copy
+    devices: list  # (device, shard index key) of each addressable shard
 
     @classmethod
     def of(cls, x: jax.Array) -> HostShards:
-        copies = {}
+        copies, devices = {}, []
         for s in x.addressable_shards:
-            k = tuple((i.start, i.stop, i.step) for i in s.index)
+            k = _index_key(s.index)
             if k not in copies:
                 copies[k] = np.asarray(s.data)
-        pieces = [
-            (s.device, tuple((i.start, i.stop, i.step) for i in s.index))
-            for s in x.addressable_shards
-        ]
-        return cls(x.shape, x.dtype, x.sharding, (copies, pieces))
+            devices.append((s.device, k))
+        return cls(x.shape, x.sharding, copies, devices)
 
 
 def from_host(x: HostShards) -> jax.Array:
     """The array `HostShards.of` copied, back on its devices with its sharding."""
-    copies, pieces = x.pieces
-    arrays = [jax.device_put(copies[k], d) for d, k in pieces]
+    arrays = [jax.device_put(x.copies[k], d) for d, k in x.devices]
     return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)

@@ -100,33 +100,32 @@ def _weighted_loss(
     return jnp.sum(weights * losses), losses
 
 
-@partial(jax.jit, static_argnums=(1, 2), static_argnames="chunks")
-def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm, chunks=(None, None)):
-    """Every step in one program: the whole decoder scanned, each layer recomputed in the
-    backward pass (`chunks`: candidates x rows per block of a layer)."""
-    opt = optax.adam(lr)
-    state = opt.init(proj)
-    grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
-
-    def step(carry, _):
-        proj, state = carry
-        (loss, _), g = grad_fn(proj, config, params, stacks, lv_layers, weights, mm, chunks)
-        upd, state = opt.update(g, state, proj)
-        return (optax.apply_updates(proj, upd), state), loss
-
-    (proj, _), losses = jax.lax.scan(step, (proj, state), None, length=steps)
-    return proj, losses
-
-
-@partial(jax.jit, static_argnums=2, static_argnames="chunks")
-def _train_step(
-    proj, state, config, lr, params, stacks, lv_layers, weights, mm, chunks=(None, None)
-):
-    """One step of `_train` as its own program: minibatches change the samples every step."""
+def _loss_step(proj, state, config, lr, params, stacks, lv_layers, weights, mm, chunks):
+    """One Adam step on `_weighted_loss`: (projector, Adam state, loss before the step)."""
     grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
     (loss, _), g = grad_fn(proj, config, params, stacks, lv_layers, weights, mm, chunks)
     upd, state = optax.adam(lr).update(g, state, proj)
     return optax.apply_updates(proj, upd), state, loss
+
+
+@partial(jax.jit, static_argnums=(1, 2), static_argnames="chunks")
+def _train(proj, config, steps, lr, params, stacks, lv_layers, weights, mm, chunks=(None, None)):
+    """Every step in one program: the whole decoder scanned, each layer recomputed in the
+    backward pass (`chunks`: candidates x rows per block of a layer)."""
+
+    def step(carry, _):
+        p, state, loss = _loss_step(
+            *carry, config, lr, params, stacks, lv_layers, weights, mm, chunks
+        )
+        return (p, state), loss
+
+    state = optax.adam(lr).init(proj)
+    (proj, _), losses = jax.lax.scan(step, (proj, state), None, length=steps)
+    return proj, losses
+
+
+# one step as its own program: minibatches change the samples every step
+_train_step = partial(jax.jit, static_argnums=2, static_argnames="chunks")(_loss_step)
 
 
 def _of_step(mm, t: int) -> list:

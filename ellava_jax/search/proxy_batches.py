@@ -228,21 +228,24 @@ def _trimmed(x, length: int):
     return None if x is None else x[:, x.shape[1] - length :]
 
 
-def _take_rows(b: ProxyBatch, sel: np.ndarray) -> ProxyBatch | None:
-    """Rows `sel` of a part, trimmed to their longest; None when `sel` is empty."""
+def _take(b, sel: np.ndarray, row_fields: tuple[str, ...], **other):
+    """Rows `sel` of a part (`row_fields` [N, T, ...], and its host or device KL target),
+    trimmed to their longest; `other` fields replaced as given. None when `sel` is empty."""
     if not len(sel):
         return None
     j = jnp.asarray(sel)
     mask = b.attention_mask[j]
     n = int(jnp.max(jnp.sum(mask, axis=1)))
     logp = None if b.dense_logp is None else b.dense_logp[sel]  # host targets stay on host
+    rows = {f: _trimmed(getattr(b, f)[j], n) for f in row_fields}
     return b.replace(
-        inputs_embeds=_trimmed(b.inputs_embeds[j], n),
-        attention_mask=_trimmed(mask, n),
-        labels=_trimmed(b.labels[j], n),
-        label_mask=_trimmed(b.label_mask[j], n),
-        dense_logp=_trimmed(logp, n),
+        **rows, attention_mask=_trimmed(mask, n), dense_logp=_trimmed(logp, n), **other
     )
+
+
+def _take_rows(b: ProxyBatch, sel: np.ndarray) -> ProxyBatch | None:
+    """Rows `sel` of a text part, trimmed to their longest; None when `sel` is empty."""
+    return _take(b, sel, ("inputs_embeds", "labels", "label_mask"))
 
 
 def _take_samples(m: MultimodalProxy, sel: np.ndarray, images: list) -> MultimodalProxy | None:
@@ -250,17 +253,6 @@ def _take_samples(m: MultimodalProxy, sel: np.ndarray, images: list) -> Multimod
     None when `sel` is empty."""
     if not len(sel):
         return None
-    j = jnp.asarray(sel)
-    mask = m.attention_mask[j]
-    n = int(jnp.max(jnp.sum(mask, axis=1)))
     img = jnp.asarray(np.concatenate([images[i] for i in sel]), jnp.int32)
-    logp = None if m.dense_logp is None else m.dense_logp[sel]
-    return m.replace(
-        input_ids=_trimmed(m.input_ids[j], n),
-        attention_mask=_trimmed(mask, n),
-        text_embeds=_trimmed(m.text_embeds[j], n),
-        vision_feats=m.vision_feats[img],
-        labels=_trimmed(m.labels[j], n),
-        label_mask=_trimmed(m.label_mask[j], n),
-        dense_logp=_trimmed(logp, n),
-    )
+    fields = ("input_ids", "text_embeds", "labels", "label_mask")
+    return _take(m, sel, fields, vision_feats=m.vision_feats[img])
