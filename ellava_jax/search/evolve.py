@@ -134,7 +134,8 @@ def evolve(
 
     Args:
       score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness);
-        with staged selection `score(projector, idx, stage)` scores on that stage's slice.
+        with staged selection `score(projector, idx, stage, round_index)` scores on that
+        stage's slice (round_index None: the winner's pick, on the last stage's fixed slice).
       train: `train(projector, top_idx, c, round_index=r) -> (projector, losses)`
         (search-space evolution).
       checkpoints: a `ckpt.RoundCheckpoints` each round is saved to.
@@ -239,7 +240,7 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
         genomes, st.strategy = strat.ask(k_ask, st.strategy)
         idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
     assert space.is_valid(idx).all()
-    sc = staged_scores(settings, idx, st.projector, score)
+    sc = staged_scores(settings, idx, st.projector, score, r)
     j, loss, g, order = sc["j"], sc["loss"], sc["g"], sc["order"]
     pop = jnp.asarray(space.encode(idx))
     # the strategy sees J itself (one stage: today's search, unchanged) or ranks (J values
@@ -279,7 +280,7 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
     return log
 
 
-def staged_scores(settings, idx, projector, score) -> dict:
+def staged_scores(settings, idx, projector, score, round_index: int = 0) -> dict:
     """The population scored stage by stage (`settings.stages()`; one stage: the whole proxy,
     every candidate, `score(projector, idx)` as the paper does).
 
@@ -296,7 +297,9 @@ def staged_scores(settings, idx, projector, score) -> dict:
     alive, stats, first = np.arange(n), [], None
     for s, (share, count) in enumerate(stages):
         alive = alive[:count]  # the previous stage's best first
-        args = (projector, idx[alive]) if len(stages) == 1 else (projector, idx[alive], s)
+        args = (projector, idx[alive])
+        if len(stages) > 1:  # the stage's slice (drawn per round: the round's own)
+            args = (*args, s, round_index)
         js, ls, gs = (np.asarray(x, np.float64) for x in score(*args))
         j[alive], loss[alive], g[alive], reached[alive] = js, ls, gs, s
         if first is None:
@@ -378,7 +381,7 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
             if len(chunk) < p
             else chunk
         )
-        args = (st.projector, padded) if last == 0 else (st.projector, padded, last)
+        args = (st.projector, padded) if last == 0 else (st.projector, padded, last, None)
         scores.append(np.asarray(score(*args)[0])[: len(chunk)])
     scores = np.concatenate(scores)
     best = int(np.argmin(scores))
