@@ -45,10 +45,6 @@ STAGED = {
     "kl_staged_cheap": dict(stage_shares=[1 / 32, 1 / 2], stage_survivors=[1]),  # the default
     "kl_staged_mid": dict(stage_shares=[1 / 8, 1 / 2, 1.0], stage_survivors=[4, 1]),
     "kl_staged_generous": dict(stage_shares=[1 / 4, 1.0], stage_survivors=[4]),
-    # the cheap setting with its first stage drawn afresh each round (stage_draw: per_round)
-    "kl_staged_cheap_drawn": dict(
-        stage_shares=[1 / 32, 1 / 2], stage_survivors=[1], stage_draw="per_round"
-    ),
     "kl_staged_spend": dict(
         stage_shares=[1 / 16, 1 / 2], stage_survivors=[8], population=64, rounds=16
     ),

@@ -328,29 +328,27 @@ def test_projector_trains_on_the_candidates_that_hold_the_weight(tiny_search):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
 
 
-def _evolve(tiny_search, ckdir, stop=None, staged=None):
-    """The tiny search's evolution; `staged` ("fixed" or "per_round", its stage_draw): staged
-    selection (3 stages) and projector minibatches of 2 samples, in a FitnessBatches of its
-    own as a resumed process builds."""
+def _evolve(tiny_search, ckdir, stop=None, staged=False):
+    """The tiny search's evolution; `staged`: staged selection (3 stages) and projector
+    minibatches of 2 samples, in a FitnessBatches of its own as a resumed process builds."""
     config, params, settings, space, db, fb = tiny_search
     if staged:
         settings = settings.replace(
             selection="staged",
             stage_shares=[0.34, 0.67, 1.0],
             stage_survivors=[3, 2],
-            stage_draw=staged,
             projector_samples=2,
         )
         fb = FitnessBatches(config, params, random_proxy(config, 6, 24, 3), settings)
-        fb.set_stages(settings.stage_shares, settings.seed, settings.stage_draw)
-    fresh = {}  # the shared fixture's cache would outlive a "killed" search
+        fb.set_stages(settings.stage_shares, settings.seed)
+    caches = {}  # one per search, as a resumed process starts with none
 
-    def score(projector, idx, stage=None, round_index=None):
+    def score(projector, idx, stage=None):
         p = dict(params, multi_modal_projector=projector)
-        parts = fb.parts(projector, stage, round_index)
-        # a resumed process starts with empty caches: the staged search's fb is its own
-        cache = fb.cache_of(stage, round_index) if staged else fresh
-        return fitness(config, p, db, space, idx, parts, settings.eta, cache=cache)
+        parts = fb.parts(projector, stage)
+        return fitness(
+            config, p, db, space, idx, parts, settings.eta, cache=caches.setdefault(stage, {})
+        )
 
     def train(projector, top, c, round_index=0):
         p = dict(params, multi_modal_projector=projector)
@@ -377,7 +375,7 @@ def _evolve(tiny_search, ckdir, stop=None, staged=None):
         cps.close()
 
 
-@pytest.mark.parametrize("staged", [None, "fixed", "per_round"], ids=["full", "staged", "drawn"])
+@pytest.mark.parametrize("staged", [False, True], ids=["full", "staged"])
 def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path, staged):
     full = _evolve(tiny_search, tmp_path / "a", staged=staged)
     again = _evolve(tiny_search, tmp_path / "b", staged=staged)
@@ -412,7 +410,7 @@ def test_staged_scores_rank_the_furthest_stage_first_then_j():
     base = np.array([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
     seen = []
 
-    def score(projector, rows, stage, round_index):  # each stage reads it worse by 10 x stage
+    def score(projector, rows, stage):  # each stage reads the candidate worse by 10 x stage
         seen.append((stage, rows[:, 0].tolist()))
         j = base[rows[:, 0]] + 10.0 * stage
         return j, j - 1.0, np.zeros(len(rows))
@@ -461,35 +459,6 @@ def test_stage_slices_are_nested_fixed_by_the_seed_and_score_like_a_smaller_prox
     j_stage = fitness(config, params, db, space, idx, fb.parts(proj, 0), settings.eta)[0]
     j_small = fitness(config, params, db, space, idx, small.parts(proj), settings.eta)[0]
     np.testing.assert_allclose(np.asarray(j_stage), np.asarray(j_small), rtol=1e-5)
-
-
-def test_stages_drawn_per_round_change_with_the_round_and_keep_the_last_fixed(tiny_search):
-    """stage_draw per_round: a stage before the last reads a slice of its round's own (the
-    same for that round in a new process: resume), nested within the round; the last stage
-    and the winner's pick (round None) read the search's fixed slice."""
-    config, params, settings, *_ = tiny_search
-    proxy = random_proxy(config, 8, 24, 4)
-    shares = [0.25, 0.5, 0.75]
-
-    def drawn(seed=3):
-        fb = FitnessBatches(config, params, proxy, settings)
-        fb.set_stages(shares, seed=seed, draw="per_round")
-        return fb
-
-    fb, again = drawn(), drawn()
-    fixed = FitnessBatches(config, params, proxy, settings)
-    fixed.set_stages(shares, seed=3)
-    rows = {r: [fb.samples_of(s, r)[0].tolist() for s in range(3)] for r in range(6)}
-    assert all(len(rows[r][0]) == 2 and len(rows[r][1]) == 4 for r in rows)
-    assert all(set(rows[r][0]) <= set(rows[r][1]) for r in rows)  # nested within a round
-    assert len({tuple(rows[r][0]) for r in rows}) > 1  # the first stage moves with the round
-    last = fixed.stage_samples[2][0].tolist()
-    assert all(rows[r][2] == last for r in rows) and fb.samples_of(0, None)[0].tolist() == (
-        fixed.stage_samples[0][0].tolist()
-    )
-    for r in (4, 1):  # another process (a resumed search) draws the same slices
-        assert [again.samples_of(s, r)[0].tolist() for s in range(3)] == rows[r]
-    assert fb.cache_of(0, 1) is not fb.cache_of(0, 2) and fb.cache_of(2, 1) is fb.stage_caches[2]
 
 
 def test_projector_minibatches_take_every_sample_in_turn_and_whole_ones_train_the_same(
@@ -546,24 +515,26 @@ def test_staged_settings_are_checked():
             SearchSettings(selection="staged", **kw)
     assert SearchSettings(selection="staged").stages() == [(0.03125, 16), (0.5, 1)]
     assert SearchSettings().stages() == [(1.0, 16)]
-    with pytest.raises(SettingError, match="stage_draw"):
-        SearchSettings(selection="staged", stage_draw="each")
 
 
 def test_selection_settings_at_their_off_values_leave_the_fingerprint_unchanged():
-    """A run made before staged selection, its per-round draws or projector minibatches
-    existed still resumes: at their off values they are not in the fingerprint."""
+    """A run made before staged selection or projector minibatches existed still resumes: at
+    their off values they are not in the fingerprint."""
     from ellava_jax.app.resume import fingerprint
 
-    new = ("selection", "stage_shares", "stage_survivors", "stage_draw", "projector_samples")
+    new = ("selection", "stage_shares", "stage_survivors", "projector_samples")
     plain = fingerprint(SearchSettings(model="tiny"))
     assert not set(new) & set(plain)
-    full = fingerprint(SearchSettings(model="tiny", stage_draw="per_round"))
-    assert full == plain  # full selection: the stages' settings say nothing
-    fixed = fingerprint(SearchSettings(model="tiny", selection="staged"))
-    assert fixed["selection"] == "staged" and "stage_draw" not in fixed
-    drawn = fingerprint(SearchSettings(model="tiny", selection="staged", stage_draw="per_round"))
-    assert drawn == fixed | {"stage_draw": "per_round"}
+    assert fingerprint(SearchSettings(model="tiny", stage_shares=[0.25, 1.0])) == plain
+    staged = fingerprint(SearchSettings(model="tiny", selection="staged"))
+    assert staged == plain | {
+        "selection": "staged",
+        "stage_shares": [0.03125, 0.5],
+        "stage_survivors": [1],
+    }
+    assert fingerprint(SearchSettings(model="tiny", projector_samples=8)) == plain | {
+        "projector_samples": 8
+    }
 
 
 def test_every_config_file_loads():

@@ -254,17 +254,12 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
         fb = FitnessBatches(config, params, run.proxy, s)
         if s.selection == "staged":
-            fb.set_stages(s.stage_shares, s.seed, s.stage_draw)
+            fb.set_stages(s.stage_shares, s.seed)
             run.say(
                 "staged selection: "
                 + ", then ".join(
                     f"{n} candidates on {fb.stage_rows(i)} samples ({share:g})"
                     for i, (share, n) in enumerate(s.stages())
-                )
-                + (
-                    " (the stages before the last drawn each round)"
-                    if s.stage_draw == "per_round"
-                    else ""
                 )
             )
         # how the population runs, the same in the fitness and the projector step
@@ -277,7 +272,7 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
             one device: no mesh, the programs of a plain run."""
             return jax.set_mesh(run.mesh) if run.mesh.size > 1 else contextlib.nullcontext()
 
-        def score(projector, idx, stage=None, round_index=None):
+        def score(projector, idx, stage=None):
             p = _with_projector(params, projector)
             with on_mesh():
                 return fitness(
@@ -286,9 +281,9 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
                     db,
                     space,
                     idx,
-                    fb.parts(projector, stage, round_index),
+                    fb.parts(projector, stage),
                     s.eta,
-                    cache=fb.cache_of(stage, round_index),
+                    cache=fb.cache_of(stage),
                     g_reading=s.g_reading,
                     **layout,
                 )

@@ -30,9 +30,6 @@ ROW_NAMES = {
     "kl_staged_cheap": "KL search, staged: 16 on 1/32 of the proxy, 1 on 1/2",
     "kl_staged_mid": "KL search, staged: 16 on 1/8, 4 on 1/2, 1 on all",
     "kl_staged_generous": "KL search, staged: 16 on 1/4, 4 on all",
-    "kl_staged_cheap_drawn": (
-        "KL search, staged, drawn each round: 16 on 1/32 of the proxy, 1 on 1/2 (fixed)"
-    ),
     "kl_staged_spend": "KL search, staged, 64 candidates x 16 rounds: 64 on 1/16, 8 on 1/2",
 }
 ORDER = tuple(ROW_NAMES)
@@ -43,7 +40,6 @@ SEARCH_ROWS = (
     "kl_staged_cheap",
     "kl_staged_mid",
     "kl_staged_generous",
-    "kl_staged_cheap_drawn",
     "kl_staged_spend",
 )
 

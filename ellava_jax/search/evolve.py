@@ -134,8 +134,7 @@ def evolve(
 
     Args:
       score: `score(projector, idx [P, E]) -> (J, L, G)` arrays [P] (the vmapped fitness);
-        with staged selection `score(projector, idx, stage, round_index)` scores on that
-        stage's slice (round_index None: the winner's pick, on the last stage's fixed slice).
+        with staged selection `score(projector, idx, stage)` scores on that stage's slice.
       train: `train(projector, top_idx, c, round_index=r) -> (projector, losses)`
         (search-space evolution).
       checkpoints: a `ckpt.RoundCheckpoints` each round is saved to.
@@ -240,7 +239,7 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
         genomes, st.strategy = strat.ask(k_ask, st.strategy)
         idx = np.stack([space.decode(g, rng) for g in np.asarray(genomes)])
     assert space.is_valid(idx).all()
-    sc = staged_scores(settings, idx, st.projector, score, r)
+    sc = staged_scores(settings, idx, st.projector, score)
     j, loss, g, order = sc["j"], sc["loss"], sc["g"], sc["order"]
     pop = jnp.asarray(space.encode(idx))
     # the strategy sees J itself (one stage: today's search, unchanged) or ranks (J values
@@ -280,7 +279,7 @@ def _round(r: int, st: _SearchState, strat: Strategy, settings, space, score, tr
     return log
 
 
-def staged_scores(settings, idx, projector, score, round_index: int = 0) -> dict:
+def staged_scores(settings, idx, projector, score) -> dict:
     """The population scored stage by stage (`settings.stages()`; one stage: the whole proxy,
     every candidate, `score(projector, idx)` as the paper does).
 
@@ -297,9 +296,7 @@ def staged_scores(settings, idx, projector, score, round_index: int = 0) -> dict
     alive, stats, first = np.arange(n), [], None
     for s, (share, count) in enumerate(stages):
         alive = alive[:count]  # the previous stage's best first
-        args = (projector, idx[alive])
-        if len(stages) > 1:  # the stage's slice (drawn per round: the round's own)
-            args = (*args, s, round_index)
+        args = (projector, idx[alive]) if len(stages) == 1 else (projector, idx[alive], s)
         js, ls, gs = (np.asarray(x, np.float64) for x in score(*args))
         j[alive], loss[alive], g[alive], reached[alive] = js, ls, gs, s
         if first is None:
@@ -381,7 +378,7 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
             if len(chunk) < p
             else chunk
         )
-        args = (st.projector, padded) if last == 0 else (st.projector, padded, last, None)
+        args = (st.projector, padded) if last == 0 else (st.projector, padded, last)
         scores.append(np.asarray(score(*args)[0])[: len(chunk)])
     scores = np.concatenate(scores)
     best = int(np.argmin(scores))

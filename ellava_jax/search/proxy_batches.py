@@ -138,54 +138,36 @@ class FitnessBatches:
         self.stages: list[tuple[list[ProxyBatch], list[MultimodalProxy]]] = []
         self.stage_caches: list[dict] = []
         self.stage_samples: list[tuple[np.ndarray, np.ndarray]] = []
-        self._draw, self._round_slices = "fixed", (None, [])
 
-    def parts(
-        self, projector, stage: int | None = None, round_index: int | None = None
-    ) -> list[ProxyBatch]:
+    def parts(self, projector, stage: int | None = None) -> list[ProxyBatch]:
         """The fitness's proxy parts for a given projector: text groups, then multimodal ones;
-        with `stage`, that stage's slice of them (`set_stages`; with `round_index`, the round's
-        own slice where the stage is drawn per round)."""
-        text, mm = (self.text, self.mm) if stage is None else self._stage(stage, round_index)[0]
+        with `stage`, that stage's slice of them (`set_stages`)."""
+        text, mm = (self.text, self.mm) if stage is None else self.stages[stage]
         mm = [m.batch(self.config, projector) for m in mm]
         if not self.fitness_kl:
             mm = [b.replace(dense_logp=None) for b in mm]
         return text + mm
 
-    def cache_of(self, stage: int | None = None, round_index: int | None = None) -> dict:
+    def cache_of(self, stage: int | None = None) -> dict:
         """The text parts' scores per policy: the whole proxy's, or one stage slice's."""
-        return self.cache if stage is None else self._stage(stage, round_index)[1]
+        return self.cache if stage is None else self.stage_caches[stage]
 
-    def set_stages(self, shares, seed: int, draw: str = "fixed") -> None:
+    def set_stages(self, shares, seed: int) -> None:
         """Nested slices of the proxy for staged selection: stage s reads the first
-        ceil(share_s x n) samples of a permutation drawn from `seed` (text segments and
-        multimodal samples each), so every later stage reads what the earlier ones read and
-        more. A share of 1 is the whole proxy (its parts and its cache are the full ones).
-
-        `draw` "fixed": one permutation for the whole search, so a stage's scores compare
-        across rounds. "per_round": the stages before the last read a permutation of their
-        round's own (seed, round), nested among themselves; the last stays the search's, so
-        the archive and the winner's pick still compare across rounds. A fixed small slice is
-        what the population learns to do well on; a slice drawn afresh each round is not."""
-        self._draw, self._seed, self._shares = draw, seed, list(shares)
-        self._round_slices = (None, [])  # (round, its early stages' (parts, cache))
-        self.stages, self.stage_caches, self.stage_samples = [], [], []
-        for share, (parts, keep) in zip(shares, self._slices(shares, [seed, 0x57A6ED])):
-            self.stage_samples.append(keep)  # what the stage reads
-            self.stages.append(parts)
-            self.stage_caches.append(self.cache if share >= 1.0 else {})
-
-    def _slices(self, shares, seed) -> list:
-        """((text parts, multimodal parts), (text rows, samples)) per share: nested prefixes of
-        one seeded permutation of each kind."""
-        rng = np.random.default_rng(seed)
+        ceil(share_s x n) samples of a permutation drawn once from `seed` (text segments and
+        multimodal samples each), so a stage's scores compare across rounds and every later
+        stage reads what the earlier ones read and more. A share of 1 is the whole proxy (its
+        parts and its cache are the full ones)."""
+        rng = np.random.default_rng([seed, 0x57A6ED])
         perm_t, perm_m = rng.permutation(self.n_text), rng.permutation(self.n_mm)
-        out = []
+        self.stages, self.stage_caches, self.stage_samples = [], [], []
         for share in shares:
             keep_t = np.sort(perm_t[: math.ceil(share * self.n_text)])
             keep_m = np.sort(perm_m[: math.ceil(share * self.n_mm)])
+            self.stage_samples.append((keep_t, keep_m))  # what the stage reads
             if share >= 1.0:
-                out.append(((self.text, self.mm), (keep_t, keep_m)))
+                self.stages.append((self.text, self.mm))
+                self.stage_caches.append(self.cache)
                 continue
             text = [
                 _take_rows(b, np.flatnonzero(np.isin(rows, keep_t)))
@@ -195,28 +177,10 @@ class FitnessBatches:
                 _take_samples(m, np.flatnonzero(np.isin(rows, keep_m)), images)
                 for m, rows, images in zip(self.mm, self._mm_rows, self._mm_images)
             ]
-            parts = ([b for b in text if b is not None], [m for m in mm if m is not None])
-            out.append((parts, (keep_t, keep_m)))
-        return out
-
-    def _stage(self, stage: int, round_index: int | None):
-        """(parts, cache[, samples]) of a stage: the search's slice, or the round's own
-        (`per_round`, a stage before the last, `round_index` given; built once per round)."""
-        last = len(self.stages) - 1
-        if self._draw != "per_round" or stage == last or round_index is None:
-            return self.stages[stage], self.stage_caches[stage]
-        r, slices = self._round_slices
-        if r != round_index:  # the round's draw replaces the previous round's
-            early = self._shares[:last]
-            seed = [self._seed, 0x57A6ED, round_index + 1]
-            slices = [(parts, {}, keep) for parts, keep in self._slices(early, seed)]
-            self._round_slices = (round_index, slices)
-        return slices[stage]
-
-    def samples_of(self, stage: int, round_index: int | None = None):
-        """(text rows, multimodal samples) a stage reads in a round (`set_stages`)."""
-        s = self._stage(stage, round_index)
-        return s[2] if len(s) > 2 else self.stage_samples[stage]
+            self.stages.append(
+                ([b for b in text if b is not None], [m for m in mm if m is not None])
+            )
+            self.stage_caches.append({})
 
     def stage_rows(self, stage: int) -> int:
         """Proxy samples (text and multimodal) a stage reads."""

@@ -142,7 +142,7 @@ class SearchSettings:
     stage_shares: list[float] = setting(
         [0.03125, 0.5],
         "staged: the share of the proxy's samples each stage reads, increasing (nested slices "
-        "drawn from the seed; 1: the whole proxy)",
+        "drawn once from the seed; 1: the whole proxy)",
         gt=0,
         le=1,
     )
@@ -151,14 +151,6 @@ class SearchSettings:
         "staged: how many candidates move on to each later stage, decreasing (one number "
         "fewer than stage_shares)",
         ge=1,
-    )
-    stage_draw: str = setting(
-        "fixed",
-        "staged: fixed: every stage's slice drawn once per search | per_round: the stages "
-        "before the last drawn again each round (from the seed and the round, as EvoPress draws "
-        "each generation's tokens), the last fixed, so the archive and the winner's pick compare "
-        "across rounds",
-        choices=("fixed", "per_round"),
     )
     # search-space evolution (projector training)
     projector_steps: int = setting(20, "projector training steps per round (0: 'No Evo')", ge=0)
