@@ -29,19 +29,25 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROWS = ("uniform", "owl", "full", "staged", "auto_wo_gen", "no_evo", "evo_wo_ub")
+ROWS = ("uniform", "owl", "full", "staged", "staged_wide", "auto_wo_gen", "no_evo", "evo_wo_ub")
 ROW_NAMES = {
     "uniform": "Uniform (SparseGPT, no search)",
     "owl": "OWL + SparseGPT (no search)",
     "full": "EfficientLLaVA (full: every candidate on the whole proxy, 20 projector steps on all samples)",
     "staged": "EfficientLLaVA, staged selection (16 on 1/32 of the proxy, 1 on 1/2), 4 projector steps on 8 samples at lr 5e-4",
+    "staged_wide": "EfficientLLaVA, staged selection (16 on 1/8 of the proxy, 1 on 1/2), 4 projector steps on 8 samples at lr 5e-4",
     "auto_wo_gen": "Auto w/o Gen (eta = 0)",
     "no_evo": "No Evo (no projector training)",
     "evo_wo_ub": "Evo w/o UB (c_m = 1/M)",
 }
 # rows beyond the paper's ablations: the settings each sets over the recipe ("full" pins the
 # paper's selection and projector step whatever the recipe's defaults)
-PAPER = {"selection": "full", "projector_samples": None, "projector_steps": 20}
+PAPER = {
+    "selection": "full",
+    "projector_samples": None,
+    "projector_steps": 20,
+    "projector_lr": 1e-4,
+}
 ROW_SETTINGS = {
     "full": PAPER,
     "auto_wo_gen": PAPER,
@@ -49,11 +55,15 @@ ROW_SETTINGS = {
     "no_evo": {"selection": "full"},
     "staged": {
         "selection": "staged",
+        "stage_shares": [1 / 32, 1 / 2],
+        "stage_survivors": [1],
         "projector_samples": 8,
         "projector_steps": 4,
         "projector_lr": 5e-4,
     },
 }
+# the same with a first stage four times larger (on the toy 8 text rows and 4 samples, not 2 and 1)
+ROW_SETTINGS["staged_wide"] = ROW_SETTINGS["staged"] | {"stage_shares": [1 / 8, 1 / 2]}
 
 
 def _fingerprint(params) -> str:
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     from ellava_jax.app.sources import default_evaluator
     from ellava_jax.search.settings import ABLATIONS, load_settings
 
-    bad = sorted(set(args.ablations) - set(ABLATIONS) - {"uniform", "staged"})
+    bad = sorted(set(args.ablations) - set(ABLATIONS) - {"uniform", "staged", "staged_wide"})
     if bad:
         raise SystemExit(f"unknown ablation(s) {bad}: expected some of {sorted(ABLATIONS)}")
     os.makedirs(args.out, exist_ok=True)
