@@ -34,24 +34,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _ranks(x) -> np.ndarray:
-    return np.argsort(np.argsort(np.asarray(x), kind="stable"), kind="stable")
-
-
-def spearman(a, b) -> float:
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
-
-
 def slice_agreement(row_j, weights, k: int, draws: int, rng) -> dict:
     """Over `draws` random k-row slices: Spearman of slice J with whole J, and the whole-proxy
     rank quantile of the slice's best candidate."""
+    from ellava_jax.search.evolve import _ranks, spearman
+
     whole = row_j @ weights / weights.sum()
+    whole_rank = _ranks(whole)
     corr, best_at = [], []
     for _ in range(draws):
         rows = rng.choice(row_j.shape[1], k, replace=False)
         part = row_j[:, rows] @ weights[rows] / weights[rows].sum()
         corr.append(spearman(part, whole))
-        best_at.append(_ranks(whole)[np.argmin(part)] / (len(whole) - 1))
+        best_at.append(whole_rank[np.argmin(part)] / (len(whole) - 1))
     return {
         "rows": k,
         "tokens": int(round(weights.mean() * k)),

@@ -333,6 +333,15 @@ def _ranks(x) -> np.ndarray:
     return np.argsort(np.argsort(np.asarray(x, np.float64), kind="stable"), kind="stable")
 
 
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation of `a` and `b` (without ties handling: fitness values rarely
+    tie); None when either is constant or shorter than 2."""
+    ra, rb = _ranks(a), _ranks(b)
+    if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def population_terms(j, loss, g, eta: float) -> dict:
     """How each term of J = L + eta*G spreads over one round's population, and which one sets
     the ranking: means and sample stds of L, G and eta*G, and the Spearman rank correlations of
@@ -341,12 +350,6 @@ def population_terms(j, loss, g, eta: float) -> dict:
 
     def std(x):
         return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
-
-    def spearman(a, b):
-        ra, rb = _ranks(a), _ranks(b)
-        if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
-            return None
-        return float(np.corrcoef(ra, rb)[0, 1])
 
     return {
         "loss_mean": float(loss.mean()),
