@@ -43,9 +43,6 @@ BASELINES = ("magnitude", "wanda", "sparsegpt", "owl")
 # and one that spends what staging saves on 4x the candidates and 2x the rounds)
 STAGED = {
     "kl_staged_cheap": dict(stage_shares=[1 / 32, 1 / 2], stage_survivors=[1]),  # the default
-    "kl_staged_cheap_rest": dict(
-        stage_shares=[1 / 32, 1 / 2], stage_survivors=[1], stage_pick="rest"
-    ),
     "kl_staged_mid": dict(stage_shares=[1 / 8, 1 / 2, 1.0], stage_survivors=[4, 1]),
     "kl_staged_generous": dict(stage_shares=[1 / 4, 1.0], stage_survivors=[4]),
     "kl_staged_spend": dict(

@@ -22,8 +22,7 @@ is 2 FLOPs, elementwise work is left out (eval/flops.py):
                 staged selection: per round, each stage's candidates x the forward of that
                 stage's slice (share x the samples of each kind), then the winner's pick: the
                 candidates that reached the last stage (at most rounds x its survivors)
-                re-scored on its multimodal slice (`stage_pick: rest`: on the samples no
-                stage read, text and multimodal, nothing cached)
+                re-scored on its multimodal slice
   projector     rounds x steps x trained candidates x (forward + backward) of the multimodal
                 parts (`projector_samples` of them per step when set); backward ~ forward
                 (no weight gradients), so 2x forward
@@ -118,13 +117,6 @@ def _share(parts, share: float) -> list:
     return [(r * keep / total, n) for r, n in parts] if total else []
 
 
-def _rest(parts, share: float) -> list:
-    """The rows a stage of `share` leaves unread (`stage_pick: rest`), in proportion."""
-    total = sum(r for r, _ in parts)
-    left = total - math.ceil(share * total)
-    return [(r * left / total, n) for r, n in parts] if total else []
-
-
 def cost_model(settings, config, text, mm, trained: int) -> dict[str, float]:
     calib = text + mm
     positions = sum(r * n for r, n in calib)
@@ -139,9 +131,6 @@ def cost_model(settings, config, text, mm, trained: int) -> dict[str, float]:
     last_share, last_count = stages[-1]
     if len(stages) == 1:  # the archive's top candidates re-scored on the multimodal parts
         fitness += settings.rounds * settings.top_k * forward_flops(config, mm)
-    elif settings.stage_pick == "rest":  # those that reached it, on the samples no stage read
-        rest = _rest(text, last_share) + _rest(mm, last_share)  # nothing cached: both kinds
-        fitness += settings.rounds * last_count * forward_flops(config, rest)
     else:  # those that reached the last stage, on its multimodal slice
         fitness += settings.rounds * last_count * forward_flops(config, _share(mm, last_share))
     steps = settings.projector_steps if mm else 0

@@ -74,10 +74,8 @@ def fingerprint(settings) -> dict:
     fp = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESULT_FREE}
     # settings at their "off" value are left out: a run made before they existed still resumes
     if fp.get("selection") == "full":
-        for k in ("selection", "stage_shares", "stage_survivors", "stage_pick"):
+        for k in ("selection", "stage_shares", "stage_survivors"):
             fp.pop(k, None)
-    if fp.get("stage_pick") == "last":
-        fp.pop("stage_pick", None)
     if fp.get("projector_samples") is None:
         fp.pop("projector_samples", None)
     fp["model"] = model_identity(settings.model)

@@ -254,17 +254,12 @@ def _evolve(run: _Run, db, checkpoints, resume_point, stop_after_round):
     with run.clock("search"):  # the proxy parts, every round, the winner's re-scoring
         fb = FitnessBatches(config, params, run.proxy, s)
         if s.selection == "staged":
-            fb.set_stages(s.stage_shares, s.seed, rest=s.stage_pick == "rest")
+            fb.set_stages(s.stage_shares, s.seed)
             run.say(
                 "staged selection: "
                 + ", then ".join(
                     f"{n} candidates on {fb.stage_rows(i)} samples ({share:g})"
                     for i, (share, n) in enumerate(s.stages())
-                )
-                + (
-                    f"; the pick on the {fb.stage_rows(len(s.stages()))} samples no stage read"
-                    if s.stage_pick == "rest"
-                    else ""
                 )
             )
         # how the population runs, the same in the fitness and the projector step

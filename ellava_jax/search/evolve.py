@@ -370,8 +370,6 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
     not the whole archive's (up to rounds x top_k) on the whole proxy."""
     p, e = settings.population, space.n_entries
     last = len(settings.stages()) - 1
-    # stage_pick rest: on the slice after the stages' (the samples no stage read)
-    pick = last + 1 if last > 0 and settings.stage_pick == "rest" else last
     kept = np.isfinite(st.archive_fitness) & (st.archive_stage == last)
     flat = st.archive_idx[kept].reshape(-1, e)
     uniq = np.unique(flat, axis=0) if len(flat) else space.uniform()[None]
@@ -383,7 +381,7 @@ def _winner(st: _SearchState, settings, space: PolicySpace, score) -> EvolutionR
             if len(chunk) < p
             else chunk
         )
-        args = (st.projector, padded) if last == 0 else (st.projector, padded, pick)
+        args = (st.projector, padded) if last == 0 else (st.projector, padded, last)
         scores.append(np.asarray(score(*args)[0])[: len(chunk)])
     scores = np.concatenate(scores)
     best = int(np.argmin(scores))

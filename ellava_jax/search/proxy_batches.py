@@ -152,47 +152,35 @@ class FitnessBatches:
         """The text parts' scores per policy: the whole proxy's, or one stage slice's."""
         return self.cache if stage is None else self.stage_caches[stage]
 
-    def set_stages(self, shares, seed: int, rest: bool = False) -> None:
+    def set_stages(self, shares, seed: int) -> None:
         """Nested slices of the proxy for staged selection: stage s reads the first
         ceil(share_s x n) samples of a permutation drawn once from `seed` (text segments and
         multimodal samples each), so a stage's scores compare across rounds and every later
         stage reads what the earlier ones read and more. A share of 1 is the whole proxy (its
-        parts and its cache are the full ones). With `rest`, one more slice after the stages':
-        the samples none of them reads (the winner's pick, `stage_pick: rest`)."""
+        parts and its cache are the full ones)."""
         rng = np.random.default_rng([seed, 0x57A6ED])
         perm_t, perm_m = rng.permutation(self.n_text), rng.permutation(self.n_mm)
         self.stages, self.stage_caches, self.stage_samples = [], [], []
         for share in shares:
-            n_t, n_m = math.ceil(share * self.n_text), math.ceil(share * self.n_mm)
+            keep_t = np.sort(perm_t[: math.ceil(share * self.n_text)])
+            keep_m = np.sort(perm_m[: math.ceil(share * self.n_mm)])
+            self.stage_samples.append((keep_t, keep_m))  # what the stage reads
             if share >= 1.0:
-                self.stage_samples.append((np.sort(perm_t), np.sort(perm_m)))
                 self.stages.append((self.text, self.mm))
                 self.stage_caches.append(self.cache)
-            else:
-                self._add_slice(np.sort(perm_t[:n_t]), np.sort(perm_m[:n_m]))
-        if rest:
-            if n_t >= self.n_text and n_m >= self.n_mm:
-                raise ValueError(
-                    f"stage_pick rest: the last stage's share {shares[-1]:g} reads all "
-                    f"{self.n_text} text segments and {self.n_mm} multimodal samples of the "
-                    "proxy, none is left for the pick (lower it or use stage_pick last)"
-                )
-            self._add_slice(np.sort(perm_t[n_t:]), np.sort(perm_m[n_m:]))
-
-    def _add_slice(self, keep_t: np.ndarray, keep_m: np.ndarray) -> None:
-        """One more slice of the proxy: the text segments `keep_t`, the multimodal samples
-        `keep_m` (an empty cache of its own)."""
-        self.stage_samples.append((keep_t, keep_m))  # what the slice reads
-        text = [
-            _take_rows(b, np.flatnonzero(np.isin(rows, keep_t)))
-            for b, rows in zip(self.text, self._text_rows)
-        ]
-        mm = [
-            _take_samples(m, np.flatnonzero(np.isin(rows, keep_m)), images)
-            for m, rows, images in zip(self.mm, self._mm_rows, self._mm_images)
-        ]
-        self.stages.append(([b for b in text if b is not None], [m for m in mm if m is not None]))
-        self.stage_caches.append({})
+                continue
+            text = [
+                _take_rows(b, np.flatnonzero(np.isin(rows, keep_t)))
+                for b, rows in zip(self.text, self._text_rows)
+            ]
+            mm = [
+                _take_samples(m, np.flatnonzero(np.isin(rows, keep_m)), images)
+                for m, rows, images in zip(self.mm, self._mm_rows, self._mm_images)
+            ]
+            self.stages.append(
+                ([b for b in text if b is not None], [m for m in mm if m is not None])
+            )
+            self.stage_caches.append({})
 
     def stage_rows(self, stage: int) -> int:
         """Proxy samples (text and multimodal) a stage reads."""

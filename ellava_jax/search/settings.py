@@ -152,13 +152,6 @@ class SearchSettings:
         "fewer than stage_shares)",
         ge=1,
     )
-    stage_pick: str = setting(
-        "last",
-        "staged: the slice the winner's pick re-scores the last stage's candidates on: last "
-        "(that stage's slice, which selected them) | rest (the proxy samples no stage read: "
-        "unbiased, as the stages' own slices overrate whoever was lucky on them)",
-        choices=("last", "rest"),
-    )
     # search-space evolution (projector training)
     projector_steps: int = setting(20, "projector training steps per round (0: 'No Evo')", ge=0)
     projector_lr: float = setting(1e-4, "projector learning rate", gt=0)
@@ -332,12 +325,6 @@ class SearchSettings:
             refuse(
                 "stage_survivors",
                 f"the first stage's survivors must be fewer than population={self.population}",
-            )
-        if self.selection == "staged" and self.stage_pick == "rest" and shares[-1] >= 1:
-            refuse(
-                "stage_pick",
-                f"rest needs a last stage that leaves samples unread (stage_shares={shares!r} "
-                "ends at 1: the whole proxy)",
             )
 
     def stages(self) -> list[tuple[float, int]]:
