@@ -17,7 +17,8 @@ writes them again from runs.jsonl).
 
     PYTHONPATH=. .venv/bin/python benchmarks/real_model.py --out runs/real_model \\
         [--config configs/smollm2.yaml] [--seeds 0 1 2] [--p0 0.5 0.6 0.7] \\
-        [--search-p0 0.6 0.7] [--rows ...] [--mean-eta 20] [--budget-s 7200]
+        [--search-p0 0.6 0.7] [--rows ...] [--mean-eta 20] [--budget-s 7200] \\
+        [--set proxy_segments=64 ...]
 
 On 2 CPU cores (AVX-512): a baseline row about 1 minute with its evaluation, a search row
 about 9 minutes (8 rounds of 16 candidates on 16 x 128 proxy tokens).
@@ -231,14 +232,23 @@ def main(argv=None) -> int:
     ap.add_argument("--mean-eta", type=float, default=None, help="eta of the search_mean row")
     ap.add_argument("--rounds", type=int, default=None, help="override the recipe's rounds")
     ap.add_argument("--budget-s", type=float, default=None, help="start no row after this")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting for every row, as `ellava search --set` (e.g. "
+        "proxy_segments=64); each row records them (use another --out: keys do not name them)",
+    )
     args = ap.parse_args(argv)
 
     import jax
 
     from ellava_jax.prune.owl import owl_outlier_ratios
     from ellava_jax.report.method_table import RUNS_FILE, read_runs
-    from ellava_jax.search.settings import load_settings
+    from ellava_jax.search.settings import command_line_overrides, load_settings
 
+    sets, origins = command_line_overrides(args.set)
     bad = sorted(set(args.rows) - set(BASELINES) - set(SEARCHES))
     if bad:
         raise SystemExit(f"unknown row(s) {bad}: expected some of {[*BASELINES, *SEARCHES]}")
@@ -253,6 +263,8 @@ def main(argv=None) -> int:
 
     def record(key, row, p0, seed, fields):
         rec = {"key": key, "row": row, "p0": p0, "seed": seed, **fields, "machine": machine}
+        if sets:
+            rec["recipe_overrides"] = sets
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         done[key] = rec
@@ -263,8 +275,8 @@ def main(argv=None) -> int:
         )
 
     for seed in args.seeds:
-        overrides = {"seed": seed} | ({"rounds": args.rounds} if args.rounds else {})
-        base = load_settings(args.config, **overrides)
+        overrides = sets | {"seed": seed} | ({"rounds": args.rounds} if args.rounds else {})
+        base = load_settings(args.config, overrides, origins=origins)
         calib = ratios = None
         todo = [(r, p) for p in args.p0 for r in args.rows if r in BASELINES]
         todo += [(r, p) for p in args.search_p0 for r in args.rows if r in SEARCHES]
@@ -308,4 +320,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ellava_jax.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as e:  # a bad --set or recipe: its one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
