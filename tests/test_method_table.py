@@ -95,3 +95,17 @@ def test_report_renders_the_table_verdict_terms_and_plot(bench_dir):
     assert "| EfficientLLaVA search (G as a mean over matrices, eta 14) | 80.00 (n=1) |" in table
     assert "OWL - search = +12.50 (one seed: no spread to compare)" in report
     assert (bench_dir / "layers.png").stat().st_size > 1000
+
+
+def test_report_names_the_recipe_settings_the_rows_changed(bench_dir):
+    runs = [json.loads(x) for x in (bench_dir / "runs.jsonl").read_text().splitlines()]
+    assert mt.override_lines(runs) == []  # the shipped recipe: nothing to say
+    same = [r | {"recipe_overrides": {"proxy_segments": 64}} for r in runs]
+    (bench_dir / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same))
+    assert main(["report", str(bench_dir)]) == 0
+    report = (bench_dir / "report.md").read_text()
+    assert "Recipe settings changed for every row: proxy_segments=64." in report
+    mixed = same[:-1] + [runs[-1]]  # one row without the override
+    lines = mt.override_lines(mixed)
+    assert lines[0].startswith("Recipe settings changed per row")
+    assert f"- none: {runs[-1]['key']}" in lines

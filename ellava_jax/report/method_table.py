@@ -240,6 +240,23 @@ def layer_policies(runs: list[dict], p0: float) -> dict[str, list[float]]:
     return out
 
 
+def override_lines(runs: list[dict]) -> list[str]:
+    """What the rows changed in the recipe (`real_model.py --set`), or nothing when none did:
+    the table's figures hold for that recipe, not the shipped one. Rows that differ are named."""
+    sets: dict[str, list[str]] = {}
+    for r in runs:
+        o = r.get("recipe_overrides") or {}
+        text = ", ".join(f"{k}={v}" for k, v in sorted(o.items())) or "none"
+        sets.setdefault(text, []).append(r["key"])
+    if set(sets) <= {"none"}:
+        return []
+    if len(sets) == 1:
+        return [f"Recipe settings changed for every row: {next(iter(sets))}."]
+    return ["Recipe settings changed per row (rows differ, so compare with care):"] + [
+        f"- {text}: {', '.join(sorted(keys))}" for text, keys in sorted(sets.items())
+    ]
+
+
 def write_outputs(run_dir: str | os.PathLike) -> list[str]:
     """table.md, layers.png and report.md in run_dir from its runs.jsonl; the paths written."""
     from ellava_jax.report import plots
@@ -267,6 +284,7 @@ def write_outputs(run_dir: str | os.PathLike) -> list[str]:
         f"{held.get('windows', '?')} windows x {held.get('seq_len', '?')} tokens. "
         "Mean +- sample std over seeds (the seed draws the calibration proxy).",
         f"Machine: {'; '.join(machine)}.",
+        *override_lines(runs),
         "",
         *table,
         "",
