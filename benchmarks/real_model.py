@@ -252,6 +252,7 @@ def main(argv=None) -> int:
     bad = sorted(set(args.rows) - set(BASELINES) - set(SEARCHES))
     if bad:
         raise SystemExit(f"unknown row(s) {bad}: expected some of {[*BASELINES, *SEARCHES]}")
+    load_settings(args.config, sets, origins=origins)  # a bad recipe or --set: before any output
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, RUNS_FILE)
     done = {r["key"]: r for r in read_runs(args.out)} if os.path.exists(log_path) else {}

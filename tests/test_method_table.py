@@ -4,6 +4,10 @@ figure of table.md and report.md is computed from the rows the benchmark wrote."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +113,25 @@ def test_report_names_the_recipe_settings_the_rows_changed(bench_dir):
     lines = mt.override_lines(mixed)
     assert lines[0].startswith("Recipe settings changed per row")
     assert f"- none: {runs[-1]['key']}" in lines
+
+
+def test_real_model_bad_set_is_one_line_and_writes_nothing(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    for arg, says in [
+        ("proxy_segments=0", "--set proxy_segments=0: must be >= 1"),
+        ("bogus=1", "--set bogus=1: unknown setting(s) ['bogus']"),
+        ("proxy_segments", "--set proxy_segments: expected KEY=VALUE"),
+    ]:
+        p = subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "real_model.py"), "--out", str(out)]
+            + ["--set", arg, "--seeds", "0", "--rows", "sparsegpt"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert p.returncode == 1, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), p.stderr
+        assert not out.exists()  # nothing written before the settings were checked
