@@ -321,9 +321,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ellava_jax.errors import UserError
+    from ellava_jax.errors import run_script
 
-    try:
-        raise SystemExit(main())
-    except UserError as e:  # a bad --set or recipe: its one line, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    run_script(main)  # a bad recipe or --set: its one line, exit code 2

@@ -174,4 +174,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ellava_jax.errors import run_script
+
+    run_script(main)  # a bad recipe or --set: its one line, exit code 2

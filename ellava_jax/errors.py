@@ -52,3 +52,16 @@ def environment_message(exc: BaseException) -> str | None:
         if reason in text:
             return text.splitlines()[0] if text else reason
     return None
+
+
+def run_script(main) -> None:
+    """`if __name__ == "__main__": run_script(main)` for the benchmark scripts: a UserError
+    (a bad recipe or --set) ends in its one line and exit code 2, as on the command line."""
+    import sys
+
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)

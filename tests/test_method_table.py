@@ -131,7 +131,7 @@ def test_real_model_bad_set_is_one_line_and_writes_nothing(tmp_path):
             cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)},
         )
-        assert p.returncode == 1, p.stderr
+        assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), p.stderr
         assert not out.exists()  # nothing written before the settings were checked
