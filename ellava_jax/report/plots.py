@@ -208,8 +208,11 @@ def method_layer_sparsities(panels: Mapping[float, Mapping[str, Sequence[float]]
         ax.set_ylabel("sparsity")
         ax.set_title(f"mean sparsity {p0:g}")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)  # below, off the data
-    fig.tight_layout(rect=(0, 0.08 * n_series / 2 + 0.02, 1, 1))
-    fig.savefig(path)
+    # below, off the data; one column under a single panel, whose width two long names overflow
+    ncol = 2 if len(panels) > 1 else 1
+    rows = -(-n_series // ncol)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=ncol)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+    fig.savefig(path, bbox_inches="tight")  # a name longer than the figure widens it, not cut
     plt.close(fig)
     return str(path)
