@@ -24,6 +24,14 @@ ort = pytest.importorskip("onnxruntime")
 WORDS = "the a cat dog sat ran on under mat log red blue big small and then".split()
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return True  # not Linux: hold the test to the strict check
+
+
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -213,8 +221,17 @@ def test_bench_cpu_tiny_llama(tmp_path, capsys):
     assert main(args + ["--out", str(pruned)]) == 0
     capsys.readouterr()
     args = ["bench-cpu", "--model", "tiny-llama", "--compare", str(pruned), "--seq-len", "16"]
-    assert main(args + ["--rounds", "2", "--runs", "1", "--json"]) == 0
+    code = main(args + ["--rounds", "2", "--runs", "1", "--json"])
     res = _last_json(capsys)
+    if code == 3 and not _cpu_has_avx512():
+        # DeepSparse 1.8's own kernels on an AVX2-only CPU (AMD EPYC, 2 cores): the dense
+        # tiny LLaMA matches onnxruntime to 3e-7, the 50% sparse one differs by 0.0072 on logits
+        # of at most 0.473 (layer 0's KV exact, layer 1's off by 0.005: the sparse MLP or o_proj);
+        # with dynamic shapes DeepSparse hands the graph to onnxruntime and matches. bench-cpu
+        # must refuse to time it, in one line naming the model, as it does.
+        assert res["outputs_match"] is False and "model '1:p'" in res["error"], res
+        pytest.xfail("DeepSparse's sparse kernels on this AVX2 CPU differ from onnxruntime")
+    assert code == 0, res
     assert res["engine"] == "deepsparse" and res["outputs_match"] is True
     assert set(res["speedup"]) == {"0:tiny-llama", "1:p"}
 
