@@ -496,7 +496,9 @@ def test_projector_minibatches_take_every_sample_in_turn_and_whole_ones_train_th
             streaming=streaming,
             **kw,
         )
-        np.testing.assert_allclose(mini[1], whole[1], rtol=1e-5)
+        # float32 losses from a padded group and from grouped samples sum in another order:
+        # 1.8e-5 apart on an AVX2 CPU, so the parameters' tolerance (1e-4) holds for both
+        np.testing.assert_allclose(mini[1], whole[1], rtol=1e-4)
         for x, y in zip(jax.tree_util.tree_leaves(mini[0]), jax.tree_util.tree_leaves(whole[0])):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
