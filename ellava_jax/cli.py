@@ -10,13 +10,10 @@ import argparse
 import importlib
 import os
 import pkgutil
-import signal
 import sys
-import threading
-import traceback
 
 from ellava_jax import commands
-from ellava_jax.errors import EnvironmentFailure, UserError, environment_message
+from ellava_jax.errors import run_reporting
 
 
 def _command_modules():
@@ -60,68 +57,28 @@ def use_compilation_cache() -> str | None:
     return path
 
 
-_AFTER_STOP = (
-    "unfinished outputs were removed, earlier ones kept (a search resumes from its last round)"
-)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every `finally` and atomic write cleans up."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs one sub-command; returns its exit code.
 
     0 success; 2 a user's error (one line naming the file, key or value); 1 a failure of the
     environment (disk full, read-only target; one line); 130 Ctrl-C and 143 SIGTERM, both after
-    cleaning up; 70 an internal bug (its traceback and a request to report it).
+    cleaning up; 70 an internal bug (its traceback and a request to report it): see
+    `errors.run_reporting`, which the benchmark scripts share.
     """
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # the sub-command's own arguments (a command may re-run itself)
-    name = f"ellava {args.command}"
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
+
+    def body() -> int:
         if hasattr(args, "coordinator"):  # before anything starts JAX's backend
             from ellava_jax import distributed
 
             distributed.initialize(args)
         use_compilation_cache()
         return int(args._run(args) or 0)
-    except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except EnvironmentFailure as e:
-        print(f"{name}: failed: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C); {_AFTER_STOP}", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{name}: terminated (SIGTERM); {_AFTER_STOP}", file=sys.stderr)
-        return 143
-    except Exception as e:
-        msg = environment_message(e)
-        if msg is not None:
-            print(f"{name}: failed: {msg}", file=sys.stderr)
-            return 1
-        traceback.print_exc()
-        print(
-            f"{name}: internal error ({type(e).__name__}): this is a bug in ellava-jax; please "
-            "report it with the command line and the traceback above",
-            file=sys.stderr,
-        )
-        return 70
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+
+    return run_reporting(f"ellava {args.command}", body)
 
 
 if __name__ == "__main__":

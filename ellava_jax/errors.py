@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
 
 
 class UserError(ValueError):
@@ -54,14 +59,65 @@ def environment_message(exc: BaseException) -> str | None:
     return None
 
 
-def run_script(main) -> None:
-    """`if __name__ == "__main__": run_script(main)` for the benchmark scripts: a UserError
-    (a bad recipe or --set) ends in its one line and exit code 2, as on the command line."""
-    import sys
+AFTER_STOP = (
+    "unfinished outputs were removed, earlier ones kept (a search resumes from its last round)"
+)
 
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` and atomic write cleans up."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_reporting(name: str, body: Callable[[], int | None]) -> int:
+    """Runs `body()` and turns what it raises into one line on stderr and an exit code.
+
+    0 success (or body's own code); 2 a user's error (one line naming the file, key or value);
+    1 a failure of the environment (disk full, read-only target; one line); 130 Ctrl-C and 143
+    SIGTERM, both after every `finally` ran; 70 an internal bug (its traceback and a request to
+    report it). `name` starts each line (`ellava search`, `real_model.py`). Used by the
+    `ellava` command line and the benchmark scripts alike.
+    """
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        code = main()
+        return int(body() or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    raise SystemExit(code)
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except EnvironmentFailure as e:
+        print(f"{name}: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); {AFTER_STOP}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); {AFTER_STOP}", file=sys.stderr)
+        return 143
+    except Exception as e:
+        msg = environment_message(e)
+        if msg is not None:
+            print(f"{name}: failed: {msg}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print(
+            f"{name}: internal error ({type(e).__name__}): this is a bug in ellava-jax; please "
+            "report it with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 70
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """`if __name__ == "__main__": run_script(main)` for the benchmark scripts: the same lines
+    and exit codes as the `ellava` command line (`run_reporting`), named by the script's file."""
+
+    raise SystemExit(run_reporting(os.path.basename(sys.argv[0]), main))

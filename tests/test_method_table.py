@@ -133,5 +133,5 @@ def test_real_model_bad_set_is_one_line_and_writes_nothing(tmp_path):
         )
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), p.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"real_model.py: error: {says}"), p.stderr
         assert not out.exists()  # nothing written before the settings were checked

@@ -195,6 +195,41 @@ def test_internal_bug_shows_its_traceback_and_asks_for_a_report(capsys, monkeypa
     assert "please report it" in err.strip().splitlines()[-1]
 
 
+def _disk_full():
+    raise OSError(28, "No space left on device", "/results/runs.jsonl")
+
+
+def _user():
+    from ellava_jax.errors import UserError
+
+    raise UserError("--set proxy_segments=0: must be >= 1")
+
+
+@pytest.mark.parametrize(
+    "body, code, says",
+    [
+        (_user, 2, "real_model.py: error: --set proxy_segments=0"),
+        (_disk_full, 1, "real_model.py: failed: /results/runs.jsonl: No space left on device"),
+        (lambda: 1 / 0, 70, "real_model.py: internal error (ZeroDivisionError)"),
+        (lambda: 3, 3, None),
+    ],
+)
+def test_benchmark_scripts_end_as_the_command_line_does(body, code, says, capsys, monkeypatch):
+    # the benchmark scripts' `__main__` (errors.run_script) and `ellava` share one handler
+    from ellava_jax.errors import run_script
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/real_model.py", "--seeds", "0"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(body)
+    err = capsys.readouterr().err
+    assert stop.value.code == code
+    if says is None:
+        assert err == ""
+    else:
+        assert says in err.strip().splitlines()[-1]
+        assert ("Traceback" in err) == (code == 70)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_follow_the_umask(umask, tmp_path, capsys):
     old = os.umask(umask)
