@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import os
 
-# Tests compile in their own process and leave no cache behind (the CLI would keep one).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
-
 import numpy as np
 import pytest
 
-from ellava_jax.config import LlavaConfig, get_preset
+# Tests compile in their own process and leave no cache behind (the CLI would keep one).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+
+# Tests compile hundreds of small programs and run most of them once, so XLA's LLVM backend
+# optimisation is most of the suite's time (tests/test_search.py on 2 AVX2 cores: 318 s, 64 s
+# of it left with every program already compiled). Level 0 changes float rounding, not the
+# program; commands and benchmarks run at XLA's default. Subprocesses inherit it (TEST_XLA_FLAGS).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+from ellava_jax.config import LlavaConfig, get_preset  # noqa: E402 (after XLA_FLAGS is set)
 
 
 def tiny_config(**overrides) -> LlavaConfig:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ellava_jax.errors import UserError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 ELLAVA = [sys.executable, "-m", "ellava_jax.cli"]
@@ -32,7 +33,7 @@ def _start(argv: list[str], logs: Path) -> list[subprocess.Popen]:
     """`ellava ARGV` as processes 0 and 1 of 2, 2 CPU devices each; output in logs/out-I."""
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {TEST_XLA_FLAGS}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )

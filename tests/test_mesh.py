@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from ellava_jax.errors import UserError
 from ellava_jax.mesh import kernel_spec, make_mesh, mesh_notes, parse_mesh
 from ellava_jax.search.settings import SearchSettings, SettingError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def _run8(code: str, timeout=900) -> dict:
     """Runs `code` with 8 forced CPU devices; its last stdout line is JSON."""
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )
