@@ -36,8 +36,16 @@ def _last_json(capsys) -> dict:
 
 
 def test_plan_reports_every_step_and_whether_it_fits(tmp_path, capsys):
-    recipe = _recipe(tmp_path)
-    assert main(["plan", "--config", recipe, "--json", "--dtype", "float32"]) == 0
+    # and reads no file of the recipe: the model, proxy and evaluation paths do not exist
+    recipe = _recipe(
+        tmp_path,
+        model="/nonexistent/llava-1.5-7b-hf",
+        proxy_text="/no/ptb.txt",
+        proxy_multimodal="/no/mm.jsonl",
+        eval_data="/no/eval.jsonl",
+    )
+    tiny = ["--model", "tiny", "--dtype", "float32"]
+    assert main(["plan", "--config", recipe, "--json", *tiny]) == 0
     res = _last_json(capsys)
     assert set(res["steps"]) == STEPS and res["backend"].startswith("cpu")
     assert all(v > 0 for v in res["steps"].values()) and res["fits"] is None
@@ -51,8 +59,7 @@ def test_plan_reports_every_step_and_whether_it_fits(tmp_path, capsys):
                 "--config",
                 recipe,
                 "--json",
-                "--dtype",
-                "float32",
+                *tiny,
                 "--device-memory",
                 str(limit),
             ]
@@ -138,16 +145,8 @@ def test_evaluation_at_depth_two_is_the_whole_model_where_nothing_is_upcast():
     assert whole16.program - two16.program == 4 * 2 * layer_bytes
 
 
-def test_plan_reads_no_file_of_the_recipe(tmp_path, capsys):
-    recipe = _recipe(
-        tmp_path,
-        model="/nonexistent/llava-1.5-7b-hf",
-        proxy_text="/no/ptb.txt",
-        proxy_multimodal="/no/mm.jsonl",
-        eval_data="/no/eval.jsonl",
-    )
-    assert main(["plan", "--config", recipe, "--json", "--model", "tiny"]) == 0
-    assert set(_last_json(capsys)["steps"]) == STEPS
+def test_plan_without_model_names_the_missing_directory(tmp_path, capsys):
+    # (with --model, a recipe of missing files plans: the test above)
     # without --model: the directory is missing, its name says which preset; a bad name fails
     bad = _recipe(tmp_path, model="/nonexistent/mystery-model")
     assert main(["plan", "--config", bad]) == 2

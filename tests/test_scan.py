@@ -104,6 +104,7 @@ def _steps(n_layers: int) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow  # compiles every step twice from cold caches (about 80 s on 2 cores)
 def test_every_step_compiles_the_same_programs_whatever_the_depth():
     """At 2 and 8 layers each step compiles the same number of programs (one layer's, scanned
     or streamed; the compile times are `test_compile_time_does_not_grow_with_depth`'s)."""

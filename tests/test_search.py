@@ -375,7 +375,11 @@ def _evolve(tiny_search, ckdir, stop=None, staged=False):
         cps.close()
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["full", "staged"])
+@pytest.mark.parametrize(
+    "staged",
+    [pytest.param(False, marks=pytest.mark.slow), True],  # full selection: the same code path
+    ids=["full", "staged"],
+)
 def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path, staged):
     full = _evolve(tiny_search, tmp_path / "a", staged=staged)
     again = _evolve(tiny_search, tmp_path / "b", staged=staged)

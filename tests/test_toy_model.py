@@ -87,6 +87,7 @@ def test_shipped_quality_holds_on_a_test_slice(shipped):
     assert report["dense"]["n"] >= 1000
 
 
+@pytest.mark.slow  # a quality claim (about 80 s); the demo test runs FitPrune on the toy
 def test_fitprune_halves_visual_flops_at_dense_accuracy(shipped):
     """FitPrune on the toy: a recipe fitted on proxy captions cuts the visual tokens' prefill
     FLOPs by half and answers a test slice within 2 points of the dense model (the full split,

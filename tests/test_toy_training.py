@@ -5,6 +5,7 @@ import itertools
 
 import jax
 import numpy as np
+import pytest
 
 from ellava_jax.data.images import pixel_values
 from ellava_jax.model.llava import embed_image
@@ -23,6 +24,7 @@ def _read_cells(config, params, aux, scene_list):
     return np.stack(out, -1)
 
 
+@pytest.mark.slow  # trains the vision tower (about a minute on 2 cores): for retraining the toy
 def test_pretrain_vision_learns_what_each_cell_holds():
     """A short stage 1 (300 steps) reads each token's cell and colour off held-out scenes."""
     config = toy.toy_config(64, hidden=32, layers=1, mlp=64)
