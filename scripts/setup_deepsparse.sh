@@ -97,7 +97,7 @@ rm -rf "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 PIP_ARGS=()
 if [[ -f "$CONSTRAINTS" && $FREEZE == 0 ]]; then PIP_ARGS+=(-c "$CONSTRAINTS"); fi
-"$VENV/bin/python" -m pip install --quiet "${PIP_ARGS[@]}" "${REQS[@]}"
+"$VENV/bin/python" -m pip install --quiet --no-compile "${PIP_ARGS[@]}" "${REQS[@]}"
 
 if [[ $FREEZE == 1 ]]; then
   {

@@ -187,6 +187,7 @@ def test_rescaling_and_ratio_invariants(setup):
     assert (prune_command.OWL_M, prune_command.OWL_LAMBDA) == (owl.DEFAULT_M, owl.DEFAULT_LAMBDA)
 
 
+@pytest.mark.slow  # SparseGPT on the toy (about 30 s); test_prune_tiny_llama_owl is the CLI's
 def test_prune_cli_owl_on_the_toy(tmp_path, capsys):
     out = tmp_path / "owl"
     argv = ["prune", "--model", "toy", "--allocation", "owl", "--sparsity", "0.7"]
