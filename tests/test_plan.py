@@ -74,6 +74,7 @@ def test_plan_figures_are_the_compiled_programs(tmp_path):
         proxy_multimodal_samples=2,
     )
     a = plan(base, config, dtype="float32")
+    assert a["fits"] is None and a["device_memory"] is None  # no limit given: no verdict
     llama = get_preset("tiny-llama")  # text alone: the text part is the fitness's only part
     fit = [plan(base.replace(proxy_segments=n), llama, dtype="float32") for n in (4, 16)]
     assert fit[1]["detail"]["fitness"]["program"] > fit[0]["detail"]["fitness"]["program"]

@@ -377,7 +377,8 @@ def _evolve(tiny_search, ckdir, stop=None, staged=False):
 
 @pytest.mark.parametrize(
     "staged",
-    [pytest.param(False, marks=pytest.mark.slow), True],  # full selection: the same code path
+    # full selection resumes through the same checkpoints as staged, which adds its slices
+    [pytest.param(False, marks=pytest.mark.slow), True],
     ids=["full", "staged"],
 )
 def test_killed_search_resumes_to_the_same_policy(tiny_search, tmp_path, staged):
