@@ -63,10 +63,8 @@ def reference_policy(space, runs: str | None, seed: int, p0: float):
         for line in open(runs):
             r = json.loads(line)
             if r.get("row") == "search_kl" and r.get("seed") == seed and r.get("p0") == p0:
-                lv = space.levels
-                idx = np.rint((np.array(r["layer_sparsities"]) - lv[0]) / (lv[1] - lv[0]))
-                idx = idx.astype(np.int32)
-                if space.is_valid(idx[None]).all():
+                idx = space.index_of(r["layer_sparsities"])
+                if idx is not None:
                     return idx, "search_kl winner"
     return space.uniform(), "uniform policy"
 

@@ -45,6 +45,17 @@ def test_policy_space_repairs_every_candidate_to_the_budget():
     np.testing.assert_array_equal(a, b)
 
 
+def test_index_of_inverts_sparsities_and_refuses_what_is_not_a_policy():
+    space = PolicySpace(get_preset("tiny-llama"), 0.5, "layer")  # 2 layers, levels 0.4-0.6
+    rng = np.random.default_rng(0)
+    for idx in space.random(8, rng):
+        np.testing.assert_array_equal(space.index_of(space.sparsities(idx)), idx)
+    assert space.index_of([0.47, 0.53]) is None  # off the grid
+    assert space.index_of([0.4, 0.4]) is None  # on the grid, off the budget
+    assert space.index_of([0.3, 0.7]) is None  # outside the levels
+    assert space.index_of([0.5, 0.5, 0.5]) is None  # another model's layers
+
+
 def test_importance_weights():
     idx = np.array([[0, 0], [0, 1], [1, 0], [4, 4]])
     c = importance_weights(idx, neighbors=2)

@@ -140,6 +140,19 @@ class PolicySpace:
     def sparsities(self, idx) -> list[float]:
         return [float(x) for x in self.levels[np.asarray(idx)]]
 
+    def index_of(self, sparsities) -> np.ndarray | None:
+        """The inverse of `sparsities`: level indices [E] of per-entry sparsities, or None
+        where they are not E values on the grid that keep the budget (a policy of another
+        space, or a method's own ratios such as OWL's)."""
+        s = np.asarray(sparsities, np.float64)
+        lv = self.levels
+        idx = np.rint((s - lv[0]) / (lv[1] - lv[0])).astype(np.int32)
+        if s.shape != (self.n_entries,) or (idx < 0).any() or (idx >= self.n_levels).any():
+            return None
+        if not np.allclose(lv[idx], s) or not self.is_valid(idx):
+            return None
+        return idx
+
     def per_matrix(self, idx) -> dict[tuple[int, str], float]:
         """{(layer, matrix): sparsity} for `prune_model`."""
         lv = self.levels[np.asarray(idx)]
